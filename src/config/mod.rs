@@ -1,0 +1,403 @@
+//! `coexist.toml`: raw serde structs (unknown fields are errors) → a validated [`Config`].
+//!
+//! Every problem is reported as `file:line: message`, all at once, like the routing table.
+//! Relative paths are resolved against the directory of the config file, so the proxy can
+//! be started from anywhere.
+
+use indexmap::IndexMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::route::diagnostics::{Diagnostics, LineIndex};
+use crate::route::{DEFAULT_HISTORY, KnownTargets};
+
+/// Where the config lives when `-c` is not given.
+pub const DEFAULT_CONFIG: &str = "config/coexist.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    routes: RawRoutes,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    smtp: Option<RawSmtp>,
+    #[serde(default)]
+    https: Option<toml::Value>,
+    #[serde(default)]
+    targets: IndexMap<String, Spanned<RawTarget>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoutes {
+    #[serde(default)]
+    source: Option<Spanned<String>>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    history: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+    #[serde(default)]
+    token_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    mixed_recipients: Option<Spanned<String>>,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: Spanned<String>,
+    mode: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    #[serde(default)]
+    smtp: Vec<Spanned<String>>,
+    #[serde(default)]
+    https: Vec<Spanned<String>>,
+    #[serde(default)]
+    tls_verify: Option<bool>,
+    #[serde(default)]
+    tls_ca: Option<Spanned<String>>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub routes: RoutesConfig,
+    pub admin: AdminConfig,
+    pub smtp: SmtpConfig,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutesConfig {
+    /// The routes file, resolved against the config file's directory.
+    pub path: PathBuf,
+    pub history: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MixedRecipients {
+    Fanout,
+    Defer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerMode {
+    /// Port 25: mail from the internet for routed domains only.
+    Relay,
+    /// Port 587: STARTTLS, then AUTH.
+    Submission,
+    /// Port 465: implicit TLS, then AUTH.
+    Submissions,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub listen: SocketAddr,
+    pub mode: ListenerMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub hostname: String,
+    pub mixed_recipients: MixedRecipients,
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    /// `host:port` of each SMTP server, in order of preference.
+    pub smtp: Vec<String>,
+    /// `host:port` (HTTPS) or `http://host:port` (plain-HTTP lab backend).
+    pub https: Vec<String>,
+    pub tls_verify: bool,
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl Config {
+    /// Target names in config order, for validating the routing table.
+    pub fn known_targets(&self) -> KnownTargets {
+        KnownTargets::Exactly(self.targets.iter().map(|t| t.name.clone()).collect())
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Diagnostics> {
+        let file: Arc<Path> = Arc::from(path);
+        let mut d = Diagnostics::default();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                d.push(&file, 0, format!("cannot read: {e}"));
+                return Err(d);
+            }
+        };
+        let lines = LineIndex::new(&text);
+        let raw: RawConfig = match toml::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.span().map_or(0, |s| lines.line(s.start));
+                d.push(&file, line, e.message().trim().to_string());
+                return Err(d);
+            }
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &str| base.join(p);
+        let mut err = |line: u32, msg: String| d.push(&file, line, msg);
+        let line_of = |start: usize| lines.line(start);
+
+        // [routes]
+        if let Some(src) = &raw.routes.source
+            && src.get_ref() != "file"
+        {
+            err(
+                line_of(src.span().start),
+                format!(
+                    "routes.source {:?} is not supported (supported: \"file\")",
+                    src.get_ref()
+                ),
+            );
+        }
+        let routes_path = raw
+            .routes
+            .path
+            .as_ref()
+            .map_or_else(|| rel("routes.toml"), |p| rel(p.get_ref()));
+        let history = match &raw.routes.history {
+            None => DEFAULT_HISTORY,
+            Some(h) => {
+                if *h.get_ref() < 1 || *h.get_ref() > 10_000 {
+                    err(
+                        line_of(h.span().start),
+                        "routes.history must be between 1 and 10000".into(),
+                    );
+                }
+                usize::try_from(*h.get_ref()).unwrap_or(1)
+            }
+        };
+
+        // [admin]
+        let admin = match &raw.admin {
+            None => AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
+                token_file: None,
+            },
+            Some(a) => {
+                let listen = parse_socket(&a.listen, &mut err, &line_of);
+                let token_file = a.token_file.as_ref().map(|t| rel(t.get_ref()));
+                if !listen.ip().is_loopback() && token_file.is_none() {
+                    err(
+                        line_of(a.listen.span().start),
+                        "admin.listen is not a loopback address: admin.token_file is required"
+                            .into(),
+                    );
+                }
+                AdminConfig { listen, token_file }
+            }
+        };
+
+        // [targets]
+        let mut targets = Vec::new();
+        if raw.targets.is_empty() {
+            err(0, "no [targets.NAME] table: name at least the old and new sides".into());
+        }
+        for (name, t) in &raw.targets {
+            let line = line_of(t.span().start);
+            if name == "reject" || name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                err(line, format!("invalid target name {name:?} (letters, digits, - _ .; not \"reject\")"));
+            }
+            let t = t.get_ref();
+            for s in &t.smtp {
+                if let Err(m) = check_server(s.get_ref(), false) {
+                    err(line_of(s.span().start), format!("targets.{name}.smtp: {m}"));
+                }
+            }
+            for s in &t.https {
+                if let Err(m) = check_server(s.get_ref(), true) {
+                    err(line_of(s.span().start), format!("targets.{name}.https: {m}"));
+                }
+            }
+            if t.smtp.is_empty() && t.https.is_empty() {
+                err(line, format!("target {name:?} has no smtp or https servers"));
+            }
+            targets.push(TargetConfig {
+                name: name.clone(),
+                smtp: t.smtp.iter().map(|s| s.get_ref().clone()).collect(),
+                https: t.https.iter().map(|s| s.get_ref().clone()).collect(),
+                tls_verify: t.tls_verify.unwrap_or(true),
+                tls_ca: t.tls_ca.as_ref().map(|c| rel(c.get_ref())),
+            });
+        }
+
+        // [smtp]
+        let smtp = match &raw.smtp {
+            None => SmtpConfig {
+                hostname: "localhost".into(),
+                mixed_recipients: MixedRecipients::Fanout,
+                listeners: Vec::new(),
+                tls: None,
+            },
+            Some(s) => {
+                let mixed = match s.mixed_recipients.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                    None | Some(("fanout", _)) => MixedRecipients::Fanout,
+                    Some(("defer", _)) => MixedRecipients::Defer,
+                    Some((other, span)) => {
+                        err(
+                            line_of(span.start),
+                            format!("smtp.mixed_recipients {other:?}: expected \"fanout\" or \"defer\""),
+                        );
+                        MixedRecipients::Fanout
+                    }
+                };
+                let tls = s.tls.as_ref().map(|t| TlsFiles {
+                    cert: rel(t.cert.get_ref()),
+                    key: rel(t.key.get_ref()),
+                });
+                let mut listeners = Vec::new();
+                for l in &s.listener {
+                    let line = line_of(l.span().start);
+                    let l = l.get_ref();
+                    let listen = parse_socket(&l.listen, &mut err, &line_of);
+                    let mode = match l.mode.get_ref().as_str() {
+                        "relay" => ListenerMode::Relay,
+                        "submission" => ListenerMode::Submission,
+                        "submissions" => ListenerMode::Submissions,
+                        other => {
+                            err(
+                                line_of(l.mode.span().start),
+                                format!("listener mode {other:?}: expected \"relay\", \"submission\" or \"submissions\""),
+                            );
+                            ListenerMode::Relay
+                        }
+                    };
+                    if mode != ListenerMode::Relay && tls.is_none() {
+                        err(line, format!("a {} listener needs [smtp.tls] (no AUTH before TLS)", l.mode.get_ref()));
+                    }
+                    listeners.push(ListenerConfig { listen, mode });
+                }
+                SmtpConfig {
+                    hostname: s.hostname.clone().unwrap_or_else(|| "localhost".into()),
+                    mixed_recipients: mixed,
+                    listeners,
+                    tls,
+                }
+            }
+        };
+        if let Some(h) = &raw.https
+            && let Some(dt) = h.get("default_target").and_then(toml::Value::as_str)
+            && !raw.targets.contains_key(dt)
+        {
+            err(0, format!("https.default_target {dt:?} is not a configured target"));
+        }
+
+        if !d.is_empty() {
+            return Err(d);
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            routes: RoutesConfig {
+                path: routes_path,
+                history,
+            },
+            admin,
+            smtp,
+            targets,
+        })
+    }
+}
+
+fn parse_socket(
+    s: &Spanned<String>,
+    err: &mut impl FnMut(u32, String),
+    line_of: &impl Fn(usize) -> u32,
+) -> SocketAddr {
+    s.get_ref().parse().unwrap_or_else(|e| {
+        err(
+            line_of(s.span().start),
+            format!("{:?} is not an IP:port address: {e}", s.get_ref()),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// Checks a backend server: `host:port`, `[v6]:port`, or `http://host:port` for HTTPS lab
+/// backends.
+fn check_server(s: &str, http: bool) -> Result<(), String> {
+    let rest = if http {
+        s.strip_prefix("http://").unwrap_or(s)
+    } else {
+        s
+    };
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(format!("{s:?}: expected host:port"));
+    };
+    if host.is_empty() || host.contains('/') || host.chars().any(char::is_whitespace) {
+        return Err(format!("{s:?}: bad host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{s:?}: bad port {port:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_strings() {
+        assert!(check_server("exch.corp:25", false).is_ok());
+        assert!(check_server("[::1]:25", false).is_ok());
+        assert!(check_server("http://127.0.0.1:8080", true).is_ok());
+        assert!(check_server("exch.corp", false).is_err());
+        assert!(check_server("exch.corp:0", false).is_err());
+        assert!(check_server("exch.corp:x", false).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! The `coexist` command line. The only place `anyhow` is used.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use coexist::config::{Config, DEFAULT_CONFIG};
+use coexist::route::{
+    Diagnostics, KnownTargets, LoadError, Route, RoutingTable, TableDiff, load_routes,
+};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "coexist", version, about = "SMTP + HTTPS mail-routing coexistence proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and routing table; print a summary.
+    Check {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print mailbox, site, owner target and table version for each address, GUID or login.
+    Lookup {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        addresses: Vec<String>,
+    },
+    /// Routing table operations.
+    Routes {
+        #[command(subcommand)]
+        command: RoutesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// What moves between two routing tables (routes.toml files).
+    Diff {
+        /// Validate target names against this config (default: accept any target name).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// List every moved mailbox, not only the first --limit.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        old: PathBuf,
+        new: PathBuf,
+    },
+}
+
+/// A failure already reported in full (e.g. every validation error printed).
+#[derive(Debug)]
+struct Reported;
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("errors reported above")
+    }
+}
+
+impl std::error::Error for Reported {}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COEXIST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { config, json } => check(&config, json),
+        Command::Lookup {
+            config,
+            json,
+            addresses,
+        } => lookup(&config, json, &addresses),
+        Command::Routes {
+            command:
+                RoutesCommand::Diff {
+                    config,
+                    all,
+                    limit,
+                    json,
+                    old,
+                    new,
+                },
+        } => diff(config.as_deref(), &old, &new, (!all).then_some(limit), json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("coexist: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(d: &Diagnostics, json: bool) -> anyhow::Error {
+    if json {
+        println!("{}", json!({ "ok": false, "errors": d.errors, "more_errors": d.more }));
+    } else {
+        eprintln!("{d}");
+        eprintln!("{} error{}", d.len(), if d.len() == 1 { "" } else { "s" });
+    }
+    Reported.into()
+}
+
+fn load(config: &Path, json: bool) -> Result<(Config, RoutingTable)> {
+    let cfg = Config::load(config).map_err(|d| report(&d, json))?;
+    let table = load_routes(&cfg.routes.path, &cfg.known_targets())
+        .map_err(|LoadError::Invalid(d)| report(&d, json))?;
+    Ok((cfg, table))
+}
+
+fn check(config: &Path, json: bool) -> Result<()> {
+    let (cfg, table) = load(config, json)?;
+    let mut aliases = 0;
+    let mut logins = 0;
+    let mut guids = 0;
+    let mut overridden = 0;
+    for m in table.mailboxes() {
+        aliases += m.aliases().count();
+        logins += m.logins().count();
+        guids += usize::from(m.guid().is_some());
+        overridden += usize::from(m.owner_overridden());
+    }
+    if json {
+        let out = json!({
+            "ok": true,
+            "config": cfg.path.display().to_string(),
+            "routes": cfg.routes.path.display().to_string(),
+            "version": table.version(),
+            "targets": table.target_names().collect::<Vec<_>>(),
+            "domains": table.domains().collect::<Vec<_>>(),
+            "sites": table.sites().collect::<Vec<_>>(),
+            "mailboxes": table.mailbox_count(),
+            "aliases": aliases,
+            "logins": logins,
+            "guids": guids,
+            "owner_overrides": overridden,
+        });
+        println!("{out:#}");
+        return Ok(());
+    }
+    println!("config {}: ok", cfg.path.display());
+    println!(
+        "routes {}: ok, version {}",
+        cfg.routes.path.display(),
+        table.version()
+    );
+    println!(
+        "targets: {}",
+        table.target_names().collect::<Vec<_>>().join(", ")
+    );
+    println!("domains:");
+    for d in table.domains() {
+        println!(
+            "  {:<24} unknown -> {}{}{}",
+            d.name,
+            d.unknown,
+            if d.case_sensitive {
+                ", case-sensitive local parts"
+            } else {
+                ""
+            },
+            if d.subaddress_separators.is_empty() {
+                String::new()
+            } else {
+                format!(", subaddress {:?}", d.subaddress_separators)
+            }
+        );
+    }
+    println!("sites:");
+    for s in table.sites() {
+        println!(
+            "  {:<24} owner {:<10} {} mailboxes",
+            s.name, s.owner, s.mailboxes
+        );
+    }
+    println!(
+        "mailboxes: {} ({aliases} aliases, {logins} logins, {guids} GUIDs, {overridden} with their own owner)",
+        table.mailbox_count()
+    );
+    Ok(())
+}
+
+/// What one lookup found, for both output forms.
+fn describe(table: &RoutingTable, input: &str) -> serde_json::Value {
+    let query = input.trim().trim_start_matches('<').trim_end_matches('>');
+    let version = table.version().to_string();
+    let mailbox = |m: coexist::route::MailboxRef<'_>, via: &str| {
+        json!({
+            "query": input,
+            "result": "mailbox",
+            "via": via,
+            "mailbox": m.address(),
+            "site": m.site(),
+            "owner": m.owner_name(),
+            "owner_source": if m.owner_overridden() { "mailbox" } else { "site" },
+            "guid": m.guid().map(|g| g.to_string()),
+            "version": version,
+        })
+    };
+    // A bare GUID or `<guid>@domain` (MAPI MailboxId, RPC/HTTP) names a mailbox by GUID.
+    let guid_part = query.split_once('@').map_or(query, |(g, _)| g);
+    if let Ok(g) = uuid::Uuid::parse_str(guid_part.trim_matches(['{', '}']))
+        && let Some(m) = table.lookup_guid(g)
+    {
+        return mailbox(m, "guid");
+    }
+    if query.contains('\\') {
+        return match table.lookup_login(query) {
+            Some(m) => mailbox(m, "login"),
+            None => json!({"query": input, "result": "not_found", "via": "login", "version": version}),
+        };
+    }
+    match table.lookup(query) {
+        Route::Mailbox(m) => {
+            let via = if m.matched() == m.address() {
+                if query.eq_ignore_ascii_case(m.address()) { "address" } else { "subaddress" }
+            } else {
+                "alias"
+            };
+            mailbox(m, via)
+        }
+        route => {
+            // A UPN looks like an address in a domain we may not route.
+            if let Some(m) = table.lookup_login(query) {
+                return mailbox(m, "login");
+            }
+            match route {
+                Route::DomainDefault { domain, target } => json!({
+                    "query": input, "result": "domain_default", "domain": domain,
+                    "owner": table.target_name(target), "version": version,
+                }),
+                Route::Reject { domain } => json!({
+                    "query": input, "result": "reject", "domain": domain, "version": version,
+                }),
+                _ => json!({"query": input, "result": "not_ours", "version": version}),
+            }
+        }
+    }
+}
+
+fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
+    let (_, table) = load(config, json)?;
+    let results: Vec<_> = addresses.iter().map(|a| describe(&table, a)).collect();
+    if json {
+        println!("{:#}", serde_json::Value::Array(results));
+        return Ok(());
+    }
+    for r in results {
+        let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+        let line = match s("result").as_str() {
+            "mailbox" => format!(
+                "{}: mailbox {} (via {}), site {}, owner {} ({} owner), version {}",
+                s("query"),
+                s("mailbox"),
+                s("via"),
+                s("site"),
+                s("owner"),
+                s("owner_source"),
+                s("version")
+            ),
+            "domain_default" => format!(
+                "{}: no such mailbox in {}, domain default -> {}, version {}",
+                s("query"),
+                s("domain"),
+                s("owner"),
+                s("version")
+            ),
+            "reject" => format!(
+                "{}: no such mailbox in {}, rejected (550 5.1.1), version {}",
+                s("query"),
+                s("domain"),
+                s("version")
+            ),
+            "not_found" => format!("{}: no mailbox has this login, version {}", s("query"), s("version")),
+            _ => format!(
+                "{}: not ours (no routed domain; relay denied), version {}",
+                s("query"),
+                s("version")
+            ),
+        };
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn diff(
+    config: Option<&Path>,
+    old: &Path,
+    new: &Path,
+    limit: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let targets = match config {
+        Some(c) => Config::load(c)
+            .map_err(|d| report(&d, json))?
+            .known_targets(),
+        None => KnownTargets::Any,
+    };
+    let load = |p: &Path| {
+        load_routes(p, &targets)
+            .map_err(|LoadError::Invalid(d)| report(&d, json))
+            .with_context(|| format!("loading {}", p.display()))
+    };
+    let a = load(old)?;
+    let b = load(new)?;
+    let d = TableDiff::between(&a, &b, limit);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d)?);
+    } else {
+        print!("{d}");
+    }
+    Ok(())
+}

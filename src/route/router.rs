@@ -1,0 +1,240 @@
+//! The router: one `ArcSwap` holding the active table, plus a bounded history.
+//!
+//! The data plane only calls [`Router::snapshot`] (or [`Router::current`] for one lookup);
+//! a transaction keeps its snapshot for its whole life, so all its recipients see one
+//! version. The control plane builds a new table off the hot path and installs it with one
+//! `store`: there is exactly one `ArcSwap`, never two that must agree.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::{ArcSwap, Guard};
+
+use super::table::{RoutingTable, Version};
+
+/// History kept when the config says nothing (SPEC §3 `routes.history`).
+pub const DEFAULT_HISTORY: usize = 50;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RollbackError {
+    #[error("no earlier version to roll back to")]
+    NoEarlier,
+    #[error("version {0:?} is not in the history")]
+    UnknownVersion(String),
+    #[error("version {0} is already active")]
+    AlreadyActive(Version),
+}
+
+/// The outcome of installing a table.
+#[derive(Debug, Clone)]
+pub struct Swapped {
+    pub previous: Arc<RoutingTable>,
+    pub active: Arc<RoutingTable>,
+}
+
+struct State {
+    /// Every kept version, oldest first, including the active one. Holding the previous
+    /// active table here also means a reader never drops the last reference to a swapped
+    /// out table, so freeing a million-entry table never lands on a data-plane task.
+    history: VecDeque<Arc<RoutingTable>>,
+    next_seq: u64,
+    capacity: usize,
+}
+
+pub struct Router {
+    active: ArcSwap<RoutingTable>,
+    /// Serialises writers; readers never take it.
+    state: Mutex<State>,
+}
+
+impl Router {
+    /// A router serving `table` as version 1, keeping at most `history` versions (≥ 1).
+    pub fn new(mut table: RoutingTable, history: usize) -> Self {
+        table.set_seq(1);
+        let table = Arc::new(table);
+        Self {
+            active: ArcSwap::new(Arc::clone(&table)),
+            state: Mutex::new(State {
+                history: VecDeque::from([table]),
+                next_seq: 2,
+                capacity: history.max(1),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves the history consistent (every mutation is
+        // one push or pop), so a poisoned lock is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The active table, for a whole transaction or request.
+    pub fn snapshot(&self) -> Arc<RoutingTable> {
+        self.active.load_full()
+    }
+
+    /// The active table for a short lookup, without touching the reference count.
+    pub fn current(&self) -> Guard<Arc<RoutingTable>> {
+        self.active.load()
+    }
+
+    /// Installs a new table as the next version and returns the previous and new ones.
+    pub fn swap(&self, mut table: RoutingTable) -> Swapped {
+        let mut st = self.state();
+        table.set_seq(st.next_seq);
+        st.next_seq += 1;
+        let table = Arc::new(table);
+        st.history.push_back(Arc::clone(&table));
+        let previous = self.active.swap(Arc::clone(&table));
+        Self::trim(&mut st, &table);
+        Swapped {
+            previous,
+            active: table,
+        }
+    }
+
+    /// Drops the oldest versions beyond the capacity, never the active one.
+    fn trim(st: &mut State, active: &Arc<RoutingTable>) {
+        while st.history.len() > st.capacity {
+            let Some(pos) = st
+                .history
+                .iter()
+                .position(|t| !Arc::ptr_eq(t, active))
+            else {
+                break;
+            };
+            st.history.remove(pos);
+        }
+    }
+
+    /// Makes an earlier version active again: the newest one older than the active one, or
+    /// the one `to` names. The versions stay in the history, so rolling forward again is a
+    /// rollback `--to` the newer version.
+    pub fn rollback(&self, to: Option<&str>) -> Result<Swapped, RollbackError> {
+        let st = self.state();
+        let active = self.active.load_full();
+        let target = match to {
+            Some(spec) => st
+                .history
+                .iter()
+                .rev()
+                .find(|t| t.version().matches(spec))
+                .cloned()
+                .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?,
+            None => st
+                .history
+                .iter()
+                .rev()
+                .filter(|t| t.version().seq < active.version().seq)
+                .max_by_key(|t| t.version().seq)
+                .cloned()
+                .ok_or(RollbackError::NoEarlier)?,
+        };
+        if Arc::ptr_eq(&target, &active) {
+            return Err(RollbackError::AlreadyActive(active.version()));
+        }
+        let previous = self.active.swap(Arc::clone(&target));
+        drop(st);
+        Ok(Swapped {
+            previous,
+            active: target,
+        })
+    }
+
+    /// Kept versions, newest first.
+    pub fn history(&self) -> Vec<Arc<RoutingTable>> {
+        self.state().history.iter().rev().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{Field, KnownTargets, LocalPolicy, MailboxSpec, TableBuilder};
+
+    fn table(owner: &str) -> RoutingTable {
+        let mut b = TableBuilder::new(&KnownTargets::Exactly(vec!["old".into(), "new".into()]));
+        let f = b.add_file(std::path::Path::new("t.toml"));
+        let fld = |text| Field { text, line: 1 };
+        b.add_domain(f, fld("example.com"), fld("old"), LocalPolicy::default());
+        b.add_site(f, fld("paris"), fld(owner));
+        b.add_mailbox(
+            f,
+            &MailboxSpec {
+                address: fld("a@example.com"),
+                aliases: vec![],
+                site: fld("paris"),
+                owner: None,
+                guid: None,
+                logins: vec![],
+            },
+        );
+        b.finish().unwrap()
+    }
+
+    fn owner(r: &Router) -> String {
+        let t = r.snapshot();
+        match t.lookup("a@example.com") {
+            crate::route::Route::Mailbox(m) => m.owner_name().to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn swap_and_rollback_walk_the_history() {
+        let r = Router::new(table("old"), 10);
+        assert_eq!(r.snapshot().version().seq, 1);
+        let s = r.swap(table("new"));
+        assert_eq!(s.previous.version().seq, 1);
+        assert_eq!(s.active.version().seq, 2);
+        assert_eq!(owner(&r), "new");
+        // Same content → same hash, different sequence number.
+        r.swap(table("new"));
+        assert_eq!(r.snapshot().version().seq, 3);
+        assert_eq!(r.history()[0].version().hash, r.history()[1].version().hash);
+
+        let rb = r.rollback(None).unwrap();
+        assert_eq!(rb.active.version().seq, 2);
+        let rb = r.rollback(None).unwrap();
+        assert_eq!(rb.active.version().seq, 1);
+        assert_eq!(owner(&r), "old");
+        assert_eq!(r.rollback(None).unwrap_err(), RollbackError::NoEarlier);
+        // Forward again by naming the version.
+        let v3 = r.history()[0].version().to_string();
+        r.rollback(Some(&v3)).unwrap();
+        assert_eq!(r.snapshot().version().seq, 3);
+        assert!(matches!(
+            r.rollback(Some("99")),
+            Err(RollbackError::UnknownVersion(_))
+        ));
+    }
+
+    #[test]
+    fn history_is_bounded_and_keeps_the_active() {
+        let r = Router::new(table("old"), 3);
+        for _ in 0..10 {
+            r.swap(table("new"));
+        }
+        let h = r.history();
+        assert_eq!(h.len(), 3);
+        assert_eq!(h[0].version().seq, 11);
+        assert_eq!(h[2].version().seq, 9);
+        // Roll back to the oldest kept, then swap: the active (old) one must survive trimming.
+        r.rollback(Some("9")).unwrap();
+        r.swap(table("old"));
+        assert_eq!(r.history().len(), 3);
+    }
+
+    #[test]
+    fn snapshot_survives_swap() {
+        let r = Router::new(table("old"), 2);
+        let snap = r.snapshot();
+        for _ in 0..5 {
+            r.swap(table("new"));
+        }
+        // The transaction's snapshot still routes by its own version.
+        assert!(matches!(snap.lookup("a@example.com"), crate::route::Route::Mailbox(m) if m.owner_name() == "old"));
+    }
+}
