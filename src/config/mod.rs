@@ -184,7 +184,7 @@ impl Config {
             Ok(r) => r,
             Err(e) => {
                 let line = e.span().map_or(0, |s| lines.line(s.start));
-                d.push(&file, line, e.message().trim().to_string());
+                d.push(&file, line, crate::route::source::one_line(e.message()));
                 return Err(d);
             }
         };

@@ -102,7 +102,15 @@ pub fn canonical_domain(domain: &str) -> Result<Cow<'_, str>, AddressError> {
     }
     // U-labels, or A-labels that must be validated: UTS 46 processing maps both to the
     // same lower-case punycode form, so `bücher.example` and `xn--bcher-kva.example` match.
-    let ascii = idna::domain_to_ascii(domain).map_err(|e| AddressError::BadDomain(e.to_string()))?;
+    let ascii =
+        idna::domain_to_ascii_strict(domain).map_err(|e| AddressError::BadDomain(e.to_string()))?;
+    // STD3 rules already refuse spaces and punctuation; this keeps the invariant local.
+    if !ascii
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return Err(AddressError::BadDomain(format!("{domain:?}")));
+    }
     check_labels(&ascii)?;
     Ok(Cow::Owned(ascii))
 }

@@ -99,7 +99,7 @@ pub fn load_routes(path: &Path, targets: &KnownTargets) -> Result<RoutingTable, 
         Ok(r) => r,
         Err(e) => {
             let line = e.span().map_or(0, |s| lines.line(s.start));
-            b.error(file, line, e.message().trim().to_string());
+            b.error(file, line, one_line(e.message()));
             return Err(LoadError::Invalid(finish_errors(b)));
         }
     };
@@ -153,10 +153,12 @@ fn spanned_field<'a>(s: &'a Spanned<String>, lines: &LineIndex) -> Field<'a> {
 }
 
 fn finish_errors(b: TableBuilder) -> Diagnostics {
-    match b.finish() {
-        Ok(_) => Diagnostics::default(),
-        Err(d) => d,
-    }
+    b.into_errors()
+}
+
+/// toml's messages span several lines; a diagnostic is one.
+pub(crate) fn one_line(msg: &str) -> String {
+    msg.trim().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
 }
 
 /// The CSV columns, with the header names an Exchange `Export-Csv` gives them.

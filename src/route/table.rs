@@ -820,8 +820,12 @@ impl TableBuilder {
                     self.error(file, g.line, "guid: the nil GUID names no mailbox");
                     None
                 }
-                Err(e) => {
-                    self.error(file, g.line, format!("guid {:?}: {e}", g.text));
+                Err(_) => {
+                    self.error(
+                        file,
+                        g.line,
+                        format!("guid {:?}: not a GUID (expected 8-4-4-4-12 hex digits)", g.text),
+                    );
                     None
                 }
             },
@@ -892,6 +896,11 @@ impl TableBuilder {
             }
         }
         self.sites[site as usize].mailboxes += 1;
+    }
+
+    /// The problems found so far, when a source cannot be read far enough to finish.
+    pub fn into_errors(self) -> Diagnostics {
+        self.diags
     }
 
     /// Final checks and compilation. Every problem is returned at once.
