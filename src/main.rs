@@ -12,7 +12,11 @@ use coexist::route::{
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "coexist", version, about = "SMTP + HTTPS mail-routing coexistence proxy")]
+#[command(
+    name = "coexist",
+    version,
+    about = "SMTP + HTTPS mail-routing coexistence proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,7 +118,10 @@ fn main() -> ExitCode {
 
 fn report(d: &Diagnostics, json: bool) -> anyhow::Error {
     if json {
-        println!("{}", json!({ "ok": false, "errors": d.errors, "more_errors": d.more }));
+        println!(
+            "{}",
+            json!({ "ok": false, "errors": d.errors, "more_errors": d.more })
+        );
     } else {
         eprintln!("{d}");
         eprintln!("{} error{}", d.len(), if d.len() == 1 { "" } else { "s" });
@@ -228,13 +235,19 @@ fn describe(table: &RoutingTable, input: &str) -> serde_json::Value {
     if query.contains('\\') {
         return match table.lookup_login(query) {
             Some(m) => mailbox(m, "login"),
-            None => json!({"query": input, "result": "not_found", "via": "login", "version": version}),
+            None => {
+                json!({"query": input, "result": "not_found", "via": "login", "version": version})
+            }
         };
     }
     match table.lookup(query) {
         Route::Mailbox(m) => {
             let via = if m.matched() == m.address() {
-                if query.eq_ignore_ascii_case(m.address()) { "address" } else { "subaddress" }
+                if query.eq_ignore_ascii_case(m.address()) {
+                    "address"
+                } else {
+                    "subaddress"
+                }
             } else {
                 "alias"
             };
@@ -292,7 +305,11 @@ fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
                 s("domain"),
                 s("version")
             ),
-            "not_found" => format!("{}: no mailbox has this login, version {}", s("query"), s("version")),
+            "not_found" => format!(
+                "{}: no mailbox has this login, version {}",
+                s("query"),
+                s("version")
+            ),
             _ => format!(
                 "{}: not ours (no routed domain; relay denied), version {}",
                 s("query"),

@@ -84,27 +84,63 @@ fn owner_of(t: &RoutingTable, addr: &str) -> String {
 #[test]
 fn lookups_by_every_key() {
     let t = load(BASE, None).unwrap();
-    assert_eq!(owner_of(&t, "alice@example.com"), "alice@example.com paris new");
-    assert_eq!(owner_of(&t, "ALICE@Example.COM"), "alice@example.com paris new");
-    assert_eq!(owner_of(&t, "alice.smith@example.com"), "alice@example.com paris new");
-    assert_eq!(owner_of(&t, "alice+lists@example.com"), "alice@example.com paris new");
-    assert_eq!(owner_of(&t, "Alice.Smith+x@EXAMPLE.com."), "alice@example.com paris new");
+    assert_eq!(
+        owner_of(&t, "alice@example.com"),
+        "alice@example.com paris new"
+    );
+    assert_eq!(
+        owner_of(&t, "ALICE@Example.COM"),
+        "alice@example.com paris new"
+    );
+    assert_eq!(
+        owner_of(&t, "alice.smith@example.com"),
+        "alice@example.com paris new"
+    );
+    assert_eq!(
+        owner_of(&t, "alice+lists@example.com"),
+        "alice@example.com paris new"
+    );
+    assert_eq!(
+        owner_of(&t, "Alice.Smith+x@EXAMPLE.com."),
+        "alice@example.com paris new"
+    );
     // A pilot user's own owner beats the site's.
-    assert_eq!(owner_of(&t, "bob@example.com"), "bob@example.com berlin new");
+    assert_eq!(
+        owner_of(&t, "bob@example.com"),
+        "bob@example.com berlin new"
+    );
     // An exact mailbox with a '+' wins over subaddress stripping.
-    assert_eq!(owner_of(&t, "a+b@example.com"), "a+b@example.com berlin old");
+    assert_eq!(
+        owner_of(&t, "a+b@example.com"),
+        "a+b@example.com berlin old"
+    );
     assert_eq!(owner_of(&t, "a+c@example.com"), "default example.com old");
     // Unknown rules and foreign domains.
-    assert_eq!(owner_of(&t, "nobody@example.com"), "default example.com old");
+    assert_eq!(
+        owner_of(&t, "nobody@example.com"),
+        "default example.com old"
+    );
     assert_eq!(owner_of(&t, "nobody@example.org"), "reject example.org");
     assert_eq!(owner_of(&t, "x@gmail.com"), "not ours");
     assert_eq!(owner_of(&t, "no-at-sign"), "not ours");
     assert_eq!(owner_of(&t, "x@sub.example.com"), "not ours");
     // Per-domain policy: case-sensitive local parts, '-' as separator.
-    assert_eq!(owner_of(&t, "Joe@strict.example"), "Joe@strict.example berlin old");
-    assert_eq!(owner_of(&t, "Joe-tag@STRICT.example"), "Joe@strict.example berlin old");
-    assert_eq!(owner_of(&t, "joe@strict.example"), "default strict.example old");
-    assert_eq!(owner_of(&t, "Joe+tag@strict.example"), "default strict.example old");
+    assert_eq!(
+        owner_of(&t, "Joe@strict.example"),
+        "Joe@strict.example berlin old"
+    );
+    assert_eq!(
+        owner_of(&t, "Joe-tag@STRICT.example"),
+        "Joe@strict.example berlin old"
+    );
+    assert_eq!(
+        owner_of(&t, "joe@strict.example"),
+        "default strict.example old"
+    );
+    assert_eq!(
+        owner_of(&t, "Joe+tag@strict.example"),
+        "default strict.example old"
+    );
     // IDN domains and SMTPUTF8 local parts: U-label and A-label are one domain.
     assert_eq!(
         owner_of(&t, "MÜLLER@xn--bcher-kva.example"),
@@ -118,8 +154,14 @@ fn lookups_by_every_key() {
     let g = uuid::Uuid::parse_str("7C9F8B2E-3C1A-4D5E-9F00-1A2B3C4D5E6F").unwrap();
     assert_eq!(t.lookup_guid(g).unwrap().address(), "alice@example.com");
     assert!(t.lookup_guid(uuid::Uuid::from_u128(5)).is_none());
-    assert_eq!(t.lookup_login("example\\ALICE").unwrap().address(), "alice@example.com");
-    assert_eq!(t.lookup_login("Alice@Corp.Example.com").unwrap().address(), "alice@example.com");
+    assert_eq!(
+        t.lookup_login("example\\ALICE").unwrap().address(),
+        "alice@example.com"
+    );
+    assert_eq!(
+        t.lookup_login("Alice@Corp.Example.com").unwrap().address(),
+        "alice@example.com"
+    );
     assert!(t.lookup_login("EXAMPLE\\bob").is_none());
 }
 
@@ -132,11 +174,17 @@ fn csv_imports_join_the_table() {
                \"dave@example.com\",\"d1@example.com;d2@example.org\",paris,old,,\n";
     let t = load(&routes, Some(csv)).unwrap();
     assert_eq!(t.mailbox_count(), 7);
-    assert_eq!(owner_of(&t, "c.jones@example.com"), "carol@example.com berlin old");
+    assert_eq!(
+        owner_of(&t, "c.jones@example.com"),
+        "carol@example.com berlin old"
+    );
     assert_eq!(owner_of(&t, "d2@example.org"), "dave@example.com paris old");
     let g = uuid::Uuid::parse_str("2f1e4c8a-9b3d-4e6f-8a1b-0c2d3e4f5a6b").unwrap();
     assert_eq!(t.lookup_guid(g).unwrap().address(), "carol@example.com");
-    assert_eq!(t.lookup_login("carol@corp.example.com").unwrap().address(), "carol@example.com");
+    assert_eq!(
+        t.lookup_login("carol@corp.example.com").unwrap().address(),
+        "carol@example.com"
+    );
 }
 
 #[test]
@@ -203,15 +251,31 @@ csv = ["m.csv", "missing.csv"]
 fn toml_and_csv_syntax_errors_have_lines() {
     let err = load("[domains.\"example.com\"]\nunknown = \n", None).unwrap_err();
     assert!(err.starts_with("routes.toml:2: "), "{err}");
-    let err = load("[domains.\"example.com\"]\nunknown = \"old\"\ncolour = 1\n", None).unwrap_err();
-    assert!(err.starts_with("routes.toml:3: unknown field `colour`"), "{err}");
+    let err = load(
+        "[domains.\"example.com\"]\nunknown = \"old\"\ncolour = 1\n",
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with("routes.toml:3: unknown field `colour`"),
+        "{err}"
+    );
     let routes = "[domains.\"example.com\"]\nunknown = \"old\"\n[sites.s]\nowner = \"old\"\n\
                   [[mailbox]]\naddress = \"a@example.com\"\nsite = \"s\"\n[import]\ncsv = [\"m.csv\"]\n";
     let err = load(routes, Some("address,site,colour\n")).unwrap_err();
-    assert!(err.starts_with("m.csv:1: unknown column \"colour\""), "{err}");
+    assert!(
+        err.starts_with("m.csv:1: unknown column \"colour\""),
+        "{err}"
+    );
     let err = load(routes, Some("aliases\nx@example.com\n")).unwrap_err();
-    assert!(err.contains("m.csv:1: the header names no address column"), "{err}");
-    assert!(err.contains("m.csv:1: the header names no site column"), "{err}");
+    assert!(
+        err.contains("m.csv:1: the header names no address column"),
+        "{err}"
+    );
+    assert!(
+        err.contains("m.csv:1: the header names no site column"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -225,7 +289,10 @@ fn version_hash_depends_on_content_not_order() {
     let b = load(&reordered, None).unwrap();
     assert_eq!(a.version(), b.version());
     // A site cutover changes it.
-    let moved = BASE.replace("[sites.berlin]\nowner = \"old\"", "[sites.berlin]\nowner = \"new\"");
+    let moved = BASE.replace(
+        "[sites.berlin]\nowner = \"old\"",
+        "[sites.berlin]\nowner = \"new\"",
+    );
     let c = load(&moved, None).unwrap();
     assert_ne!(a.version().hash, c.version().hash);
     assert!(a.version().matches(&a.version().to_string()));
@@ -235,7 +302,10 @@ fn version_hash_depends_on_content_not_order() {
 #[test]
 fn diff_counts_a_site_move() {
     let a = load(BASE, None).unwrap();
-    let moved = BASE.replace("[sites.berlin]\nowner = \"old\"", "[sites.berlin]\nowner = \"new\"");
+    let moved = BASE.replace(
+        "[sites.berlin]\nowner = \"old\"",
+        "[sites.berlin]\nowner = \"new\"",
+    );
     let b = load(&moved, None).unwrap();
     let d = TableDiff::between(&a, &b, Some(2));
     // bob is a pilot already on new: only the three others in berlin move.
@@ -248,7 +318,10 @@ fn diff_counts_a_site_move() {
     assert_eq!(d.sites[0].moves[0].mailboxes, 3);
     assert_eq!(d.targets.len(), 2);
     let text = d.to_string();
-    assert!(text.contains("berlin               owner old -> new, old -> new: 3"), "{text}");
+    assert!(
+        text.contains("berlin               owner old -> new, old -> new: 3"),
+        "{text}"
+    );
     assert!(text.contains("… 1 more (--all lists every one)"), "{text}");
     let same = TableDiff::between(&a, &a, None);
     assert!(same.is_empty());

@@ -246,12 +246,25 @@ impl Config {
         // [targets]
         let mut targets = Vec::new();
         if raw.targets.is_empty() {
-            err(0, "no [targets.NAME] table: name at least the old and new sides".into());
+            err(
+                0,
+                "no [targets.NAME] table: name at least the old and new sides".into(),
+            );
         }
         for (name, t) in &raw.targets {
             let line = line_of(t.span().start);
-            if name == "reject" || name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                err(line, format!("invalid target name {name:?} (letters, digits, - _ .; not \"reject\")"));
+            if name == "reject"
+                || name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                err(
+                    line,
+                    format!(
+                        "invalid target name {name:?} (letters, digits, - _ .; not \"reject\")"
+                    ),
+                );
             }
             let t = t.get_ref();
             for s in &t.smtp {
@@ -261,11 +274,17 @@ impl Config {
             }
             for s in &t.https {
                 if let Err(m) = check_server(s.get_ref(), true) {
-                    err(line_of(s.span().start), format!("targets.{name}.https: {m}"));
+                    err(
+                        line_of(s.span().start),
+                        format!("targets.{name}.https: {m}"),
+                    );
                 }
             }
             if t.smtp.is_empty() && t.https.is_empty() {
-                err(line, format!("target {name:?} has no smtp or https servers"));
+                err(
+                    line,
+                    format!("target {name:?} has no smtp or https servers"),
+                );
             }
             targets.push(TargetConfig {
                 name: name.clone(),
@@ -285,13 +304,19 @@ impl Config {
                 tls: None,
             },
             Some(s) => {
-                let mixed = match s.mixed_recipients.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                let mixed = match s
+                    .mixed_recipients
+                    .as_ref()
+                    .map(|m| (m.get_ref().as_str(), m.span()))
+                {
                     None | Some(("fanout", _)) => MixedRecipients::Fanout,
                     Some(("defer", _)) => MixedRecipients::Defer,
                     Some((other, span)) => {
                         err(
                             line_of(span.start),
-                            format!("smtp.mixed_recipients {other:?}: expected \"fanout\" or \"defer\""),
+                            format!(
+                                "smtp.mixed_recipients {other:?}: expected \"fanout\" or \"defer\""
+                            ),
                         );
                         MixedRecipients::Fanout
                     }
@@ -312,13 +337,21 @@ impl Config {
                         other => {
                             err(
                                 line_of(l.mode.span().start),
-                                format!("listener mode {other:?}: expected \"relay\", \"submission\" or \"submissions\""),
+                                format!(
+                                    "listener mode {other:?}: expected \"relay\", \"submission\" or \"submissions\""
+                                ),
                             );
                             ListenerMode::Relay
                         }
                     };
                     if mode != ListenerMode::Relay && tls.is_none() {
-                        err(line, format!("a {} listener needs [smtp.tls] (no AUTH before TLS)", l.mode.get_ref()));
+                        err(
+                            line,
+                            format!(
+                                "a {} listener needs [smtp.tls] (no AUTH before TLS)",
+                                l.mode.get_ref()
+                            ),
+                        );
                     }
                     listeners.push(ListenerConfig { listen, mode });
                 }
@@ -334,7 +367,10 @@ impl Config {
             && let Some(dt) = h.get("default_target").and_then(toml::Value::as_str)
             && !raw.targets.contains_key(dt)
         {
-            err(0, format!("https.default_target {dt:?} is not a configured target"));
+            err(
+                0,
+                format!("https.default_target {dt:?} is not a configured target"),
+            );
         }
 
         if !d.is_empty() {

@@ -80,8 +80,7 @@ impl Diagnostics {
     /// Orders problems by place; files keep the order in which they were read.
     pub fn sort(&mut self, file_order: &[Arc<Path>]) {
         let rank = |p: &Arc<Path>| file_order.iter().position(|f| f == p).unwrap_or(usize::MAX);
-        self.errors
-            .sort_by(|a, b| (rank(&a.file), a.line).cmp(&(rank(&b.file), b.line)));
+        self.errors.sort_by_key(|d| (rank(&d.file), d.line));
     }
 }
 

@@ -110,7 +110,10 @@ impl TableDiff {
         }
         let added = b
             .mailboxes()
-            .filter(|mb| a.mailbox_by_key(mb.address()).is_none_or(|ma| ma.address() != mb.address()))
+            .filter(|mb| {
+                a.mailbox_by_key(mb.address())
+                    .is_none_or(|ma| ma.address() != mb.address())
+            })
             .count() as u64;
 
         let mut site_names: Vec<&str> = a.sites().map(|s| s.name).collect();
@@ -152,7 +155,8 @@ impl TableDiff {
 
         let a_domains: BTreeMap<&str, &str> = a.domains().map(|d| (d.name, d.unknown)).collect();
         let b_domains: BTreeMap<&str, &str> = b.domains().map(|d| (d.name, d.unknown)).collect();
-        let mut domain_names: Vec<&str> = a_domains.keys().chain(b_domains.keys()).copied().collect();
+        let mut domain_names: Vec<&str> =
+            a_domains.keys().chain(b_domains.keys()).copied().collect();
         domain_names.sort_unstable();
         domain_names.dedup();
         let domains = domain_names
@@ -243,7 +247,11 @@ impl fmt::Display for TableDiff {
             self.moved_total, self.added, self.removed
         )?;
         for m in &self.moved {
-            writeln!(f, "  {:<40} {:<16} {} -> {}", m.address, m.site, m.from, m.to)?;
+            writeln!(
+                f,
+                "  {:<40} {:<16} {} -> {}",
+                m.address, m.site, m.from, m.to
+            )?;
         }
         let hidden = self.moved_total.saturating_sub(self.moved.len() as u64);
         if hidden > 0 {

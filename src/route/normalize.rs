@@ -66,7 +66,12 @@ impl LocalPolicy {
         if self.subaddress_separators.is_empty() || local.starts_with('"') {
             return None;
         }
-        let cut = local.find(|c: char| self.subaddress_separators.contains(c))?;
+        let seps = self.subaddress_separators.as_bytes();
+        let cut = if seps.is_ascii() {
+            local.bytes().position(|b| seps.contains(&b))?
+        } else {
+            local.find(|c: char| self.subaddress_separators.contains(c))?
+        };
         // `+tag@` alone is not a subaddress of an empty local part.
         (cut > 0).then(|| &local[..cut])
     }
@@ -116,15 +121,15 @@ pub fn canonical_domain(domain: &str) -> Result<Cow<'_, str>, AddressError> {
 }
 
 fn contains_ace_prefix(bytes: &[u8]) -> bool {
-    bytes
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"xn--"))
+    bytes.windows(4).any(|w| w.eq_ignore_ascii_case(b"xn--"))
 }
 
 fn check_labels(domain: &str) -> Result<(), AddressError> {
     for label in domain.split('.') {
         if label.is_empty() {
-            return Err(AddressError::BadDomain(format!("empty label in {domain:?}")));
+            return Err(AddressError::BadDomain(format!(
+                "empty label in {domain:?}"
+            )));
         }
         if label.len() > 63 {
             return Err(AddressError::BadDomain(format!(
@@ -150,6 +155,16 @@ pub fn check_local(local: &str) -> Result<(), AddressError> {
         return Err(AddressError::LocalTooLong);
     }
     let quoted = local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    if !quoted && local.is_ascii() {
+        // The common case, checked per byte: atext and dots (RFC 5322 §3.2.3).
+        return match local
+            .bytes()
+            .find(|b| !(b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(b)))
+        {
+            Some(b) => Err(AddressError::BadLocalChar(char::from(b))),
+            None => Ok(()),
+        };
+    }
     for c in local.chars() {
         let forbidden = c.is_control()
             || c == '\u{7f}'
@@ -235,35 +250,37 @@ impl KeyBuf {
 
     /// Builds `local@domain`, lower-casing the local part unless `keep_case`.
     /// `domain` must already be canonical. Returns `None` when the key is too long to be
-    /// in any table.
-    pub fn build(&mut self, local: &str, domain: &str, keep_case: bool) -> Option<&str> {
+    /// in any table. Bytes, not `str`: the table hashes and compares bytes, and this way
+    /// the hot path never re-validates UTF-8.
+    pub fn build(&mut self, local: &str, domain: &str, keep_case: bool) -> Option<&[u8]> {
         let total = local.len() + 1 + domain.len();
         if total > MAX_KEY_LEN {
             return None;
         }
         if keep_case || local.is_ascii() || local.starts_with('"') {
             let lower = !keep_case && !local.starts_with('"');
-            for (dst, src) in self.buf.iter_mut().zip(local.bytes()) {
-                *dst = if lower { src.to_ascii_lowercase() } else { src };
+            let dst = &mut self.buf[..local.len()];
+            dst.copy_from_slice(local.as_bytes());
+            if lower {
+                dst.make_ascii_lowercase();
             }
             self.buf[local.len()] = b'@';
             self.buf[local.len() + 1..total].copy_from_slice(domain.as_bytes());
             self.len = total;
             self.heap = None;
-            // Only ASCII bytes were changed, so the buffer is valid UTF-8.
-            return std::str::from_utf8(&self.buf[..total]).ok();
+            return Some(&self.buf[..total]);
         }
         let mut s = local.to_lowercase();
         s.push('@');
         s.push_str(domain);
-        Some(self.heap.insert(s).as_str())
+        Some(self.heap.insert(s).as_bytes())
     }
 
     /// The key most recently built.
-    pub fn as_str(&self) -> &str {
+    pub fn as_bytes(&self) -> &[u8] {
         match &self.heap {
-            Some(s) => s,
-            None => std::str::from_utf8(&self.buf[..self.len]).unwrap_or(""),
+            Some(s) => s.as_bytes(),
+            None => &self.buf[..self.len],
         }
     }
 }
@@ -300,7 +317,10 @@ mod tests {
         assert_eq!(check_local(""), Err(AddressError::EmptyLocal));
         assert_eq!(check_local("a b"), Err(AddressError::BadLocalChar(' ')));
         assert_eq!(check_local("a\r\nb"), Err(AddressError::BadLocalChar('\r')));
-        assert_eq!(check_local(&"x".repeat(65)), Err(AddressError::LocalTooLong));
+        assert_eq!(
+            check_local(&"x".repeat(65)),
+            Err(AddressError::LocalTooLong)
+        );
     }
 
     #[test]
@@ -335,10 +355,15 @@ mod tests {
     #[test]
     fn keybuf_builds_keys() {
         let mut k = KeyBuf::new();
-        assert_eq!(k.build("Alice", "example.com", false), Some("alice@example.com"));
-        assert_eq!(k.build("Alice", "example.com", true), Some("Alice@example.com"));
-        assert_eq!(k.build("ÄLICE", "example.com", false), Some("älice@example.com"));
-        assert_eq!(k.as_str(), "älice@example.com");
+        let expect: [(&str, bool, &str); 3] = [
+            ("Alice", false, "alice@example.com"),
+            ("Alice", true, "Alice@example.com"),
+            ("ÄLICE", false, "älice@example.com"),
+        ];
+        for (local, keep, key) in expect {
+            assert_eq!(k.build(local, "example.com", keep), Some(key.as_bytes()));
+        }
+        assert_eq!(k.as_bytes(), "älice@example.com".as_bytes());
         assert_eq!(k.build(&"a".repeat(400), "example.com", false), None);
     }
 
@@ -366,7 +391,7 @@ mod tests {
             let mut k = KeyBuf::new();
             let built = k.build(&local, "example.com", false).unwrap().to_owned();
             let expect = format!("{}@example.com", canonical_local(&local, &LocalPolicy::default()));
-            prop_assert_eq!(built, expect);
+            prop_assert_eq!(built, expect.into_bytes());
         }
 
         #[test]

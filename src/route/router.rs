@@ -98,11 +98,7 @@ impl Router {
     /// Drops the oldest versions beyond the capacity, never the active one.
     fn trim(st: &mut State, active: &Arc<RoutingTable>) {
         while st.history.len() > st.capacity {
-            let Some(pos) = st
-                .history
-                .iter()
-                .position(|t| !Arc::ptr_eq(t, active))
-            else {
+            let Some(pos) = st.history.iter().position(|t| !Arc::ptr_eq(t, active)) else {
                 break;
             };
             st.history.remove(pos);
@@ -235,6 +231,8 @@ mod tests {
             r.swap(table("new"));
         }
         // The transaction's snapshot still routes by its own version.
-        assert!(matches!(snap.lookup("a@example.com"), crate::route::Route::Mailbox(m) if m.owner_name() == "old"));
+        assert!(
+            matches!(snap.lookup("a@example.com"), crate::route::Route::Mailbox(m) if m.owner_name() == "old")
+        );
     }
 }

@@ -158,7 +158,12 @@ fn finish_errors(b: TableBuilder) -> Diagnostics {
 
 /// toml's messages span several lines; a diagnostic is one.
 pub(crate) fn one_line(msg: &str) -> String {
-    msg.trim().split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+    msg.trim()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The CSV columns, with the header names an Exchange `Export-Csv` gives them.
@@ -209,7 +214,7 @@ fn cell_values(cell: &str, addresses: bool) -> impl Iterator<Item = &str> {
 /// problems are reported per row and the rest of the file is still checked.
 fn import_csv(b: &mut TableBuilder, path: &Path) -> Result<(), csv::Error> {
     let file = b.add_file(path);
-    let meta_len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let meta_len = std::fs::metadata(path).map_or(0, |m| m.len());
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
@@ -277,11 +282,7 @@ fn import_csv(b: &mut TableBuilder, path: &Path) -> Result<(), csv::Error> {
             b.error(
                 file,
                 line,
-                format!(
-                    "expected {} columns, found {}",
-                    columns.len(),
-                    record.len()
-                ),
+                format!("expected {} columns, found {}", columns.len(), record.len()),
             );
             continue;
         }
@@ -316,8 +317,11 @@ mod tests {
 
     #[test]
     fn exchange_proxy_addresses_are_filtered() {
-        let v: Vec<_> =
-            cell_values("SMTP:a@x.com;smtp:b@x.com; X500:/o=Org/cn=a ;c@x.com;;", true).collect();
+        let v: Vec<_> = cell_values(
+            "SMTP:a@x.com;smtp:b@x.com; X500:/o=Org/cn=a ;c@x.com;;",
+            true,
+        )
+        .collect();
         assert_eq!(v, ["a@x.com", "b@x.com", "c@x.com"]);
         let l: Vec<_> = cell_values("EX\\a;a@corp.x", false).collect();
         assert_eq!(l, ["EX\\a", "a@corp.x"]);
