@@ -17,5 +17,9 @@
 //! The routing table is the foundation: every protocol front end (SMTP, HTTPS) only asks
 //! the router for a snapshot and calls `lookup*` on it.
 
+pub mod app;
 pub mod config;
+pub mod listener;
 pub mod route;
+pub mod smtp;
+pub mod tls;

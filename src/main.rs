@@ -24,6 +24,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the routing table.
+    Serve {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
     /// Validate the config and routing table; print a summary.
     Check {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -79,15 +84,29 @@ impl std::fmt::Display for Reported {
 impl std::error::Error for Reported {}
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("COEXIST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // A server logs what it does; a one-shot command only what went wrong.
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COEXIST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    if std::env::var("COEXIST_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
+        Command::Serve { config } => serve(&config),
         Command::Check { config, json } => check(&config, json),
         Command::Lookup {
             config,
@@ -114,6 +133,59 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    // Benchmarks compare equal worker counts with nginx/HAProxy.
+    if let Some(n) = std::env::var("COEXIST_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
+}
+
+fn serve(config: &Path) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let cfg = Config::load(config).map_err(|d| report(&d, false))?;
+    runtime()?.block_on(async move {
+        let running = coexist::app::Running::start(cfg).await?;
+        let table = running.router.snapshot();
+        for (mode, addr) in &running.smtp_addrs {
+            tracing::info!(%addr, ?mode, "SMTP listener ready");
+        }
+        tracing::info!(
+            version = %table.version(),
+            mailboxes = table.mailbox_count(),
+            "serving"
+        );
+        drop(table);
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    // Errors are logged by reload; the active table keeps serving.
+                    let _ = running.reload();
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        tracing::info!("shutting down: no new connections, draining open sessions");
+        let left = running.shutdown(std::time::Duration::from_secs(30)).await;
+        if left > 0 {
+            tracing::warn!(
+                open = left,
+                "drain deadline passed; closing remaining sessions"
+            );
+        }
+        Ok(())
+    })
 }
 
 fn report(d: &Diagnostics, json: bool) -> anyhow::Error {

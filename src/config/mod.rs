@@ -8,6 +8,7 @@ use indexmap::IndexMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -60,6 +61,28 @@ struct RawSmtp {
     #[serde(default)]
     mixed_recipients: Option<Spanned<String>>,
     #[serde(default)]
+    add_received: Option<bool>,
+    #[serde(default)]
+    greeting_delay_ms: Option<u64>,
+    #[serde(default)]
+    max_message_size: Option<Spanned<u64>>,
+    #[serde(default)]
+    max_recipients: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_line_length: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_connections: Option<Spanned<u32>>,
+    #[serde(default)]
+    max_connections_per_ip: Option<Spanned<u32>>,
+    #[serde(default)]
+    command_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    data_timeout_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    health_interval_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    backend_idle_secs: Option<u64>,
+    #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     tls: Option<RawTls>,
@@ -86,6 +109,8 @@ struct RawTarget {
     smtp: Vec<Spanned<String>>,
     #[serde(default)]
     https: Vec<Spanned<String>>,
+    #[serde(default)]
+    smtp_tls: Option<Spanned<String>>,
     #[serde(default)]
     tls_verify: Option<bool>,
     #[serde(default)]
@@ -149,11 +174,63 @@ pub struct SmtpConfig {
     pub mixed_recipients: MixedRecipients,
     pub listeners: Vec<ListenerConfig>,
     pub tls: Option<TlsFiles>,
+    /// Prepend a `Received:` header of our own to every message.
+    pub add_received: bool,
+    pub limits: SmtpLimits,
+}
+
+/// Limits that hold on every SMTP listener (SPEC §4).
+#[derive(Debug, Clone)]
+pub struct SmtpLimits {
+    pub greeting_delay: Duration,
+    pub max_message_size: u64,
+    pub max_recipients: u32,
+    /// Longest text line in DATA/BDAT content, CRLF excluded.
+    pub max_line_length: u32,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
+    pub command_timeout: Duration,
+    /// Waiting for the next DATA block from the client (§4.5.3.2.5: 3 minutes).
+    pub data_timeout: Duration,
+    pub health_interval: Duration,
+    pub backend_idle: Duration,
+}
+
+impl Default for SmtpLimits {
+    fn default() -> Self {
+        Self {
+            greeting_delay: Duration::ZERO,
+            max_message_size: 50 * 1024 * 1024,
+            max_recipients: 1000,
+            max_line_length: 2048,
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            health_interval: Duration::from_secs(30),
+            backend_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How coexist talks TLS to a target's SMTP servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTlsMode {
+    /// STARTTLS when the server offers it (the default).
+    Opportunistic,
+    /// STARTTLS or fail: needed for AUTH replay on submission.
+    Required,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// Plaintext (labs, or a backend on the same host).
+    None,
 }
 
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub name: String,
+    pub smtp_tls: SmtpTlsMode,
     /// `host:port` of each SMTP server, in order of preference.
     pub smtp: Vec<String>,
     /// `host:port` (HTTPS) or `http://host:port` (plain-HTTP lab backend).
@@ -286,8 +363,28 @@ impl Config {
                     format!("target {name:?} has no smtp or https servers"),
                 );
             }
+            let smtp_tls = match t
+                .smtp_tls
+                .as_ref()
+                .map(|m| (m.get_ref().as_str(), m.span()))
+            {
+                None | Some(("opportunistic", _)) => SmtpTlsMode::Opportunistic,
+                Some(("required", _)) => SmtpTlsMode::Required,
+                Some(("implicit", _)) => SmtpTlsMode::Implicit,
+                Some(("none", _)) => SmtpTlsMode::None,
+                Some((other, span)) => {
+                    err(
+                        line_of(span.start),
+                        format!(
+                            "targets.{name}.smtp_tls {other:?}: expected \"opportunistic\", \"required\", \"implicit\" or \"none\""
+                        ),
+                    );
+                    SmtpTlsMode::Opportunistic
+                }
+            };
             targets.push(TargetConfig {
                 name: name.clone(),
+                smtp_tls,
                 smtp: t.smtp.iter().map(|s| s.get_ref().clone()).collect(),
                 https: t.https.iter().map(|s| s.get_ref().clone()).collect(),
                 tls_verify: t.tls_verify.unwrap_or(true),
@@ -302,6 +399,8 @@ impl Config {
                 mixed_recipients: MixedRecipients::Fanout,
                 listeners: Vec::new(),
                 tls: None,
+                add_received: true,
+                limits: SmtpLimits::default(),
             },
             Some(s) => {
                 let mixed = match s
@@ -355,11 +454,65 @@ impl Config {
                     }
                     listeners.push(ListenerConfig { listen, mode });
                 }
+                let mut limits = SmtpLimits::default();
+                let mut positive = |v: &Option<Spanned<u64>>, name: &str, dst: &mut u64| {
+                    if let Some(v) = v {
+                        if *v.get_ref() == 0 {
+                            err(line_of(v.span().start), format!("smtp.{name} must be > 0"));
+                        }
+                        *dst = *v.get_ref();
+                    }
+                };
+                positive(
+                    &s.max_message_size,
+                    "max_message_size",
+                    &mut limits.max_message_size,
+                );
+                let mut secs = |v: &Option<Spanned<u64>>, name: &str, dst: &mut Duration| {
+                    let mut n = dst.as_secs();
+                    positive(v, name, &mut n);
+                    *dst = Duration::from_secs(n);
+                };
+                secs(
+                    &s.command_timeout_secs,
+                    "command_timeout_secs",
+                    &mut limits.command_timeout,
+                );
+                secs(
+                    &s.data_timeout_secs,
+                    "data_timeout_secs",
+                    &mut limits.data_timeout,
+                );
+                secs(
+                    &s.health_interval_secs,
+                    "health_interval_secs",
+                    &mut limits.health_interval,
+                );
+                let small = |v: &Option<Spanned<u32>>, dst: &mut u32| {
+                    if let Some(v) = v {
+                        *dst = (*v.get_ref()).max(1);
+                    }
+                };
+                small(&s.max_recipients, &mut limits.max_recipients);
+                small(&s.max_line_length, &mut limits.max_line_length);
+                small(&s.max_connections, &mut limits.max_connections);
+                small(
+                    &s.max_connections_per_ip,
+                    &mut limits.max_connections_per_ip,
+                );
+                if let Some(ms) = s.greeting_delay_ms {
+                    limits.greeting_delay = Duration::from_millis(ms.min(60_000));
+                }
+                if let Some(secs) = s.backend_idle_secs {
+                    limits.backend_idle = Duration::from_secs(secs);
+                }
                 SmtpConfig {
                     hostname: s.hostname.clone().unwrap_or_else(|| "localhost".into()),
                     mixed_recipients: mixed,
                     listeners,
                     tls,
+                    add_received: s.add_received.unwrap_or(true),
+                    limits,
                 }
             }
         };

@@ -1,0 +1,145 @@
+//! Wires config, routing table, backends and listeners into a running proxy, and owns
+//! reload and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, ListenerMode};
+use crate::listener::{ConnLimits, run_smtp};
+use crate::route::{Diagnostics, LoadError, Router, load_routes};
+use crate::smtp::backend::{BackendSettings, Backends};
+use crate::smtp::session::SessionCtx;
+use crate::tls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("routing table rejected:\n{0}")]
+    Routes(Diagnostics),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A proxy whose listeners are bound and serving.
+pub struct Running {
+    pub router: Arc<Router>,
+    pub backends: Arc<Backends>,
+    /// The SMTP listeners' addresses, in config order (port 0 resolved).
+    pub smtp_addrs: Vec<(ListenerMode, SocketAddr)>,
+    config: Config,
+    limits: Arc<ConnLimits>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Running {
+    /// Loads the table, binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Running, AppError> {
+        let table = load_routes(&config.routes.path, &config.known_targets())
+            .map_err(|LoadError::Invalid(d)| AppError::Routes(d))?;
+        let router = Arc::new(Router::new(table, config.routes.history));
+        let smtp = &config.smtp;
+        let settings = BackendSettings {
+            hostname: smtp.hostname.clone(),
+            idle_timeout: smtp.limits.backend_idle,
+            ..BackendSettings::default()
+        };
+        let backends = Arc::new(Backends::new(&config.targets, settings)?);
+        // Learn what every backend supports before the first EHLO is answered.
+        backends.probe_all().await;
+        let tls = match &smtp.tls {
+            Some(f) => Some(TlsAcceptor::from(tls::server_config(&f.cert, &f.key)?)),
+            None => None,
+        };
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let limits = ConnLimits::new(
+            smtp.limits.max_connections,
+            smtp.limits.max_connections_per_ip,
+        );
+        let mut smtp_addrs = Vec::new();
+        for l in &smtp.listeners {
+            let listener = TcpListener::bind(l.listen)
+                .await
+                .map_err(|source| AppError::Bind {
+                    addr: l.listen,
+                    source,
+                })?;
+            let addr = listener.local_addr().map_err(|source| AppError::Bind {
+                addr: l.listen,
+                source,
+            })?;
+            let ctx = Arc::new(SessionCtx {
+                hostname: smtp.hostname.clone(),
+                mode: l.mode,
+                mixed: smtp.mixed_recipients,
+                add_received: smtp.add_received,
+                limits: smtp.limits.clone(),
+                router: Arc::clone(&router),
+                backends: Arc::clone(&backends),
+                tls: tls.clone(),
+            });
+            let implicit = l.mode == ListenerMode::Submissions;
+            tokio::spawn(run_smtp(
+                listener,
+                ctx,
+                implicit,
+                Arc::clone(&limits),
+                shutdown_rx.clone(),
+            ));
+            smtp_addrs.push((l.mode, addr));
+        }
+        // Health probes: up/down and capabilities, off the data path.
+        let probe = Arc::clone(&backends);
+        let interval = smtp.limits.health_interval;
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => probe.probe_all().await,
+                    () = crate::listener::stopped(&mut stop) => return,
+                }
+            }
+        });
+        Ok(Running {
+            router,
+            backends,
+            smtp_addrs,
+            config,
+            limits,
+            shutdown,
+        })
+    }
+
+    /// Re-reads the routing table source; a rejected table leaves the active one serving.
+    pub fn reload(&self) -> Result<crate::route::Swapped, Diagnostics> {
+        let old = self.router.snapshot().version();
+        match load_routes(&self.config.routes.path, &self.config.known_targets()) {
+            Ok(t) => {
+                let s = self.router.swap(t);
+                metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
+                tracing::info!(old = %old, new = %s.active.version(), "routing table swapped");
+                Ok(s)
+            }
+            Err(LoadError::Invalid(d)) => {
+                metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
+                tracing::error!(active = %old, errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
+                Err(d)
+            }
+        }
+    }
+
+    /// Stops accepting, tells idle sessions to close, and waits for the others up to
+    /// `deadline`. Returns how many connections were still open.
+    pub async fn shutdown(self, deadline: Duration) -> usize {
+        let _ = self.shutdown.send(true);
+        self.limits.drain(deadline).await
+    }
+}

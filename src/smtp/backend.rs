@@ -1,0 +1,552 @@
+//! Backend side: connections to the targets' SMTP servers, a pool of idle ones for reuse,
+//! failover between a target's servers, and health probes that also learn what each
+//! server supports (its EHLO keywords).
+//!
+//! Connection setup (TCP, greeting, EHLO, STARTTLS, EHLO) costs several round trips; doing
+//! it per client message is what makes simple proxies slow, so a connection that finished
+//! a transaction cleanly goes back to its server's idle list and the next transaction for
+//! that target starts with MAIL FROM.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hickory_resolver::TokioAsyncResolver;
+use rustls::ClientConfig;
+use tokio::net::TcpStream;
+
+use super::io::{Conn, IoError, Line, LineIo};
+use super::reply::Reply;
+use crate::config::{SmtpTlsMode, TargetConfig};
+use crate::tls;
+
+/// Longest reply line and most lines accepted from a backend.
+const MAX_REPLY_LINE: usize = 4096;
+const MAX_REPLY_LINES: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{server}: {what}")]
+    Io { server: String, what: String },
+    #[error("{server}: timed out")]
+    Timeout { server: String },
+    #[error("{server}: protocol error: {what}")]
+    Protocol { server: String, what: String },
+    #[error("{server}: refused: {reply}")]
+    Refused { server: String, reply: Reply },
+    #[error("target {0} has no SMTP servers")]
+    NoServers(String),
+}
+
+/// What a backend server said it supports in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub size: Option<u64>,
+    pub pipelining: bool,
+    pub eightbitmime: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub chunking: bool,
+    pub starttls: bool,
+    pub enhanced: bool,
+    pub auth: Vec<String>,
+}
+
+impl Caps {
+    pub fn parse(reply: &Reply) -> Self {
+        let mut c = Caps::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_ascii_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "PIPELINING" => c.pipelining = true,
+                "8BITMIME" => c.eightbitmime = true,
+                "SMTPUTF8" => c.smtputf8 = true,
+                "DSN" => c.dsn = true,
+                "CHUNKING" => c.chunking = true,
+                "STARTTLS" => c.starttls = true,
+                "ENHANCEDSTATUSCODES" => c.enhanced = true,
+                "AUTH" => c.auth = words.map(str::to_ascii_uppercase).collect(),
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// Timeouts and limits of the client role (RFC 5321 §4.5.3.2 gives the command ones).
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    pub hostname: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub final_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle_per_server: usize,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        Self {
+            hostname: "localhost".into(),
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            final_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(30),
+            max_idle_per_server: 32,
+        }
+    }
+}
+
+/// One server of a target.
+pub struct Server {
+    pub addr: String,
+    up: AtomicBool,
+    caps: Mutex<Option<Caps>>,
+    idle: Mutex<Vec<(BackendConn, Instant)>>,
+}
+
+impl Server {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn caps(&self) -> Option<Caps> {
+        lock(&self.caps).clone()
+    }
+
+    fn set_up(&self, up: bool, why: &str) {
+        let was = self.up.swap(up, Ordering::Relaxed);
+        if was != up {
+            if up {
+                tracing::info!(server = %self.addr, "backend server up");
+            } else {
+                tracing::warn!(server = %self.addr, reason = why, "backend server down");
+            }
+        }
+        metrics::gauge!("coexist_backend_up", "server" => self.addr.clone())
+            .set(f64::from(u8::from(up)));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One target (migration side) and its servers.
+pub struct Target {
+    pub name: String,
+    pub servers: Vec<Arc<Server>>,
+    tls_mode: SmtpTlsMode,
+    tls: Arc<ClientConfig>,
+}
+
+impl Target {
+    /// What every known server of this target supports; `None` until one has answered.
+    pub fn caps(&self) -> Option<Caps> {
+        self.servers.iter().find_map(|s| s.caps())
+    }
+}
+
+/// All targets' SMTP servers.
+pub struct Backends {
+    pub targets: Vec<Arc<Target>>,
+    pub settings: BackendSettings,
+    resolver: Option<TokioAsyncResolver>,
+}
+
+impl Backends {
+    pub fn new(targets: &[TargetConfig], settings: BackendSettings) -> Result<Self, tls::TlsError> {
+        let mut out = Vec::new();
+        for t in targets {
+            out.push(Arc::new(Target {
+                name: t.name.clone(),
+                servers: t
+                    .smtp
+                    .iter()
+                    .map(|addr| {
+                        Arc::new(Server {
+                            addr: addr.clone(),
+                            // Optimistic until a probe or a connection says otherwise.
+                            up: AtomicBool::new(true),
+                            caps: Mutex::new(None),
+                            idle: Mutex::new(Vec::new()),
+                        })
+                    })
+                    .collect(),
+                tls_mode: t.smtp_tls,
+                tls: tls::client_config(t.tls_verify, t.tls_ca.as_deref())?,
+            }));
+        }
+        let resolver = TokioAsyncResolver::tokio_from_system_conf().ok();
+        Ok(Self {
+            targets: out,
+            settings,
+            resolver,
+        })
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Arc<Target>> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// A connection ready for MAIL FROM: an idle one if any (`reused` set, so the caller
+    /// retries once on a fresh one if the server had closed it), else a new one, trying the
+    /// servers that are up first, in order, then the ones marked down.
+    pub async fn acquire(&self, target: &Arc<Target>) -> Result<BackendConn, BackendError> {
+        for s in target.servers.iter().filter(|s| s.is_up()) {
+            let mut idle = lock(&s.idle);
+            while let Some((conn, since)) = idle.pop() {
+                if since.elapsed() < self.settings.idle_timeout {
+                    return Ok(conn);
+                }
+            }
+        }
+        self.connect_new(target).await
+    }
+
+    pub async fn connect_new(&self, target: &Arc<Target>) -> Result<BackendConn, BackendError> {
+        let mut order: Vec<&Arc<Server>> = target.servers.iter().filter(|s| s.is_up()).collect();
+        order.extend(target.servers.iter().filter(|s| !s.is_up()));
+        let mut last = BackendError::NoServers(target.name.clone());
+        for s in order {
+            match self.connect(target, s).await {
+                Ok(c) => {
+                    s.set_up(true, "");
+                    return Ok(c);
+                }
+                Err(e) => {
+                    s.set_up(false, &e.to_string());
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Puts a connection that ended a transaction cleanly back for reuse.
+    pub fn release(&self, mut conn: BackendConn) {
+        if conn.broken {
+            return;
+        }
+        conn.reused = true;
+        let server = Arc::clone(&conn.server);
+        let mut idle = lock(&server.idle);
+        if idle.len() < self.settings.max_idle_per_server {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    async fn resolve(&self, addr: &str) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(sa) = addr.parse::<SocketAddr>() {
+            return Ok(vec![sa]);
+        }
+        let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
+        let port: u16 = port.parse().map_err(|_| "bad port")?;
+        if let Some(r) = &self.resolver
+            && let Ok(ips) = r.lookup_ip(host).await
+        {
+            let v: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            if !v.is_empty() {
+                return Ok(v);
+            }
+        }
+        // /etc/hosts and names the resolver library does not know.
+        tokio::net::lookup_host(addr)
+            .await
+            .map(Iterator::collect)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn connect(
+        &self,
+        target: &Target,
+        server: &Arc<Server>,
+    ) -> Result<BackendConn, BackendError> {
+        let st = &self.settings;
+        let name = server.addr.clone();
+        let io_err = |what: String| BackendError::Io {
+            server: name.clone(),
+            what,
+        };
+        let addrs = self.resolve(&server.addr).await.map_err(&io_err)?;
+        let mut last = io_err("no address".into());
+        let mut tcp = None;
+        for a in addrs {
+            match tokio::time::timeout(st.connect_timeout, TcpStream::connect(a)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Ok(Err(e)) => last = io_err(format!("connect {a}: {e}")),
+                Err(_) => {
+                    last = BackendError::Timeout {
+                        server: name.clone(),
+                    }
+                }
+            }
+        }
+        let Some(tcp) = tcp else { return Err(last) };
+        let _ = tcp.set_nodelay(true);
+        let conn = if target.tls_mode == SmtpTlsMode::Implicit {
+            let sni = tls::server_name(&server.addr).map_err(|e| io_err(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
+                .connect(sni, tcp)
+                .await
+                .map_err(|e| io_err(format!("TLS: {e}")))?;
+            Conn::ClientTls(Box::new(tls))
+        } else {
+            Conn::Plain(tcp)
+        };
+        let mut c = BackendConn {
+            io: LineIo::new(conn),
+            caps: Caps::default(),
+            server: Arc::clone(server),
+            reused: false,
+            broken: false,
+            timeout: st.command_timeout,
+        };
+        let greeting = c.read_reply().await?;
+        if greeting.code != 220 {
+            return Err(BackendError::Refused {
+                server: name,
+                reply: greeting,
+            });
+        }
+        c.ehlo(&st.hostname).await?;
+        let want_tls = match target.tls_mode {
+            SmtpTlsMode::Required => true,
+            SmtpTlsMode::Opportunistic => c.caps.starttls,
+            SmtpTlsMode::None | SmtpTlsMode::Implicit => false,
+        };
+        if want_tls {
+            if !c.caps.starttls {
+                return Err(BackendError::Protocol {
+                    server: name,
+                    what: "STARTTLS required but not offered".into(),
+                });
+            }
+            let r = c.command("STARTTLS\r\n").await?;
+            if r.code != 220 {
+                return Err(BackendError::Refused {
+                    server: name,
+                    reply: r,
+                });
+            }
+            // Response injection: anything the server sent after its 220 in plaintext is
+            // not to be read as if it came over TLS.
+            if c.io.discard_buffered() > 0 {
+                tracing::warn!(server = %server.addr, "discarded plaintext sent after STARTTLS");
+            }
+            let Conn::Plain(tcp) = std::mem::replace(&mut c.io.conn, Conn::Upgrading) else {
+                return Err(io_err("STARTTLS on a TLS connection".into()));
+            };
+            let sni = tls::server_name(&server.addr).map_err(|e| io_err(e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
+                .connect(sni, tcp)
+                .await
+                .map_err(|e| io_err(format!("TLS: {e}")))?;
+            c.io.conn = Conn::ClientTls(Box::new(tls));
+            c.ehlo(&st.hostname).await?;
+        }
+        *lock(&server.caps) = Some(c.caps.clone());
+        Ok(c)
+    }
+
+    /// Probes every server once (EHLO, QUIT) and records up/down and capabilities.
+    pub async fn probe_all(&self) {
+        for t in &self.targets {
+            for s in &t.servers {
+                match self.connect(t, s).await {
+                    Ok(mut c) => {
+                        s.set_up(true, "");
+                        c.quit().await;
+                    }
+                    Err(e) => s.set_up(false, &e.to_string()),
+                }
+                // Idle connections past their time are closed here, not on the hot path.
+                let expired: Vec<_> = {
+                    let mut idle = lock(&s.idle);
+                    let keep = self.settings.idle_timeout;
+                    let (old, fresh): (Vec<_>, Vec<_>) = idle
+                        .drain(..)
+                        .partition(|(_, since)| since.elapsed() >= keep);
+                    *idle = fresh;
+                    old
+                };
+                for (mut c, _) in expired {
+                    c.quit().await;
+                }
+            }
+        }
+    }
+}
+
+/// One connection to one backend server.
+pub struct BackendConn {
+    io: LineIo<TcpStream>,
+    pub caps: Caps,
+    pub server: Arc<Server>,
+    /// Came from the idle list: the server may have closed it meanwhile.
+    pub reused: bool,
+    /// Left in an unknown state (error, aborted DATA): never reuse.
+    pub broken: bool,
+    timeout: Duration,
+}
+
+impl BackendConn {
+    fn err(&self, e: IoError) -> BackendError {
+        match e {
+            IoError::Timeout => BackendError::Timeout {
+                server: self.server.addr.clone(),
+            },
+            other => BackendError::Io {
+                server: self.server.addr.clone(),
+                what: other.to_string(),
+            },
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.io.conn.is_tls()
+    }
+
+    pub async fn read_reply(&mut self) -> Result<Reply, BackendError> {
+        let mut lines = Vec::new();
+        loop {
+            let line = match self.io.read_line(MAX_REPLY_LINE, self.timeout).await {
+                Ok(Line::Ok(l)) => l,
+                Ok(Line::TooLong | Line::BadNewline) => {
+                    self.broken = true;
+                    return Err(BackendError::Protocol {
+                        server: self.server.addr.clone(),
+                        what: "malformed reply line".into(),
+                    });
+                }
+                Err(e) => {
+                    self.broken = true;
+                    return Err(self.err(e));
+                }
+            };
+            let text = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+            let code = text
+                .get(..3)
+                .and_then(|c| c.parse::<u16>().ok())
+                .filter(|c| (200..600).contains(c));
+            let (Some(code), sep) = (code, text.as_bytes().get(3).copied()) else {
+                self.broken = true;
+                return Err(BackendError::Protocol {
+                    server: self.server.addr.clone(),
+                    what: format!("bad reply {text:?}"),
+                });
+            };
+            lines.push(text.get(4..).unwrap_or("").to_string());
+            if sep != Some(b'-') {
+                return Ok(Reply { code, lines });
+            }
+            if lines.len() > MAX_REPLY_LINES {
+                self.broken = true;
+                return Err(BackendError::Protocol {
+                    server: self.server.addr.clone(),
+                    what: "reply too long".into(),
+                });
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF included) and reads its reply.
+    pub async fn command(&mut self, line: &str) -> Result<Reply, BackendError> {
+        debug_assert!(line.ends_with("\r\n") && !line[..line.len() - 2].contains(['\r', '\n']));
+        if let Err(e) = self.io.write_now(line.as_bytes(), self.timeout).await {
+            self.broken = true;
+            return Err(self.err(e));
+        }
+        self.read_reply().await
+    }
+
+    async fn ehlo(&mut self, hostname: &str) -> Result<(), BackendError> {
+        let r = self.command(&format!("EHLO {hostname}\r\n")).await?;
+        if r.code == 250 {
+            self.caps = Caps::parse(&r);
+            return Ok(());
+        }
+        let r = self.command(&format!("HELO {hostname}\r\n")).await?;
+        if r.code != 250 {
+            return Err(BackendError::Refused {
+                server: self.server.addr.clone(),
+                reply: r,
+            });
+        }
+        self.caps = Caps::default();
+        Ok(())
+    }
+
+    /// Writes message bytes (already dot-stuffed) after a 354.
+    pub async fn write_data(
+        &mut self,
+        bytes: &[u8],
+        timeout: Duration,
+    ) -> Result<(), BackendError> {
+        if let Err(e) = self.io.write_now(bytes, timeout).await {
+            self.broken = true;
+            return Err(self.err(e));
+        }
+        Ok(())
+    }
+
+    /// Ends DATA and waits for the final reply (RFC 5321: up to 10 minutes).
+    pub async fn end_data(&mut self, final_timeout: Duration) -> Result<Reply, BackendError> {
+        self.write_data(b".\r\n", self.timeout).await?;
+        let saved = self.timeout;
+        self.timeout = final_timeout;
+        let r = self.read_reply().await;
+        self.timeout = saved;
+        r
+    }
+
+    /// Returns the connection to the "ready for MAIL" state after an aborted transaction.
+    pub async fn rset(&mut self) -> bool {
+        matches!(self.command("RSET\r\n").await, Ok(r) if r.code == 250)
+    }
+
+    pub async fn quit(&mut self) {
+        let _ = self.command("QUIT\r\n").await;
+        self.broken = true;
+        self.io.shutdown().await;
+    }
+
+    /// Drops the connection without QUIT: the server sees the transaction cut off and must
+    /// not deliver it (how an aborted DATA is cancelled).
+    pub fn abort(&mut self) {
+        self.broken = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ehlo_keywords() {
+        let r = Reply {
+            code: 250,
+            lines: vec![
+                "mx.example Hello".into(),
+                "SIZE 10240000".into(),
+                "PIPELINING".into(),
+                "8BITMIME".into(),
+                "auth PLAIN login".into(),
+                "STARTTLS".into(),
+            ],
+        };
+        let c = Caps::parse(&r);
+        assert_eq!(c.size, Some(10_240_000));
+        assert!(c.pipelining && c.eightbitmime && c.starttls);
+        assert!(!c.smtputf8 && !c.chunking);
+        assert_eq!(c.auth, ["PLAIN", "LOGIN"]);
+    }
+}

@@ -1,0 +1,379 @@
+//! The message content scanner: DATA and BDAT bytes from the client in, bytes for the
+//! backend's DATA out.
+//!
+//! Framing lives here, apart from the session: this module does no I/O. It
+//! - finds the end of DATA, which is *only* `<CRLF>.<CRLF>`;
+//! - refuses a bare CR or bare LF anywhere in the content, and never forwards one: a lenient
+//!   backend could read `<LF>.<LF>` or `<LF>.<CR><LF>` as the end of data and take the rest as
+//!   a second, smuggled message (CVE-2023-51764 and friends);
+//! - holds back the bytes that might be the terminator or a bare CR until the next byte
+//!   decides, so a rejected message never reaches a backend with its end-of-data;
+//! - counts `Received:` headers (loop guard), octets (size limit) and line length;
+//! - dot-stuffs BDAT content, whose chunks are raw, so backends always get DATA.
+
+/// Why a message is refused. The first violation wins; once one is found nothing more is
+/// forwarded, but the scanner keeps reading to the end of DATA so the session stays in sync.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    BareNewline,
+    LineTooLong,
+    TooBig,
+    Loop,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_size: usize,
+    pub max_line: usize,
+    pub max_received: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// DATA: dot-stuffed input ending in `<CRLF>.<CRLF>`, forwarded as it is.
+    Dot,
+    /// BDAT: raw chunks, dot-stuffed on the way out.
+    Raw,
+}
+
+const RECEIVED: &[u8; 9] = b"received:";
+
+pub struct DataScanner {
+    mode: Mode,
+    limits: Limits,
+    /// The last five bytes seen, primed with CRLF so that DATA may end at once (`.<CRLF>`).
+    tail: [u8; 5],
+    /// Bytes not yet forwarded (at most two: a line-start `.` and a `\r`).
+    held: [u8; 2],
+    n_held: usize,
+    line_len: usize,
+    size: usize,
+    in_headers: bool,
+    hdr: [u8; 9],
+    hdr_len: usize,
+    received: usize,
+    violation: Option<Violation>,
+    done: bool,
+}
+
+impl DataScanner {
+    pub fn new(mode: Mode, limits: Limits) -> Self {
+        Self {
+            mode,
+            limits,
+            tail: [0, 0, 0, b'\r', b'\n'],
+            held: [0; 2],
+            n_held: 0,
+            line_len: 0,
+            size: 0,
+            in_headers: true,
+            hdr: [0; 9],
+            hdr_len: 0,
+            received: 0,
+            violation: None,
+            done: false,
+        }
+    }
+
+    pub fn violation(&self) -> Option<Violation> {
+        self.violation
+    }
+
+    /// Octets of content seen so far.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn received_headers(&self) -> usize {
+        self.received
+    }
+
+    fn violate(&mut self, v: Violation) {
+        if self.violation.is_none() {
+            self.violation = Some(v);
+        }
+        self.n_held = 0;
+    }
+
+    fn emit(&mut self, b: u8, out: &mut Vec<u8>) {
+        if self.violation.is_some() {
+            return;
+        }
+        // Hold at most two bytes; emit the oldest when a third arrives. A CR leaves only
+        // together with its LF, so even a stream cut short never ends in a bare CR.
+        if self.n_held == 2 {
+            if self.held[0] == b'\r' {
+                out.extend_from_slice(&self.held);
+                self.held[0] = b;
+                self.n_held = 1;
+            } else {
+                out.push(self.held[0]);
+                self.held[0] = self.held[1];
+                self.held[1] = b;
+            }
+        } else {
+            self.held[self.n_held] = b;
+            self.n_held += 1;
+        }
+    }
+
+    /// Validation and bookkeeping common to both modes, for one content byte.
+    fn check(&mut self, b: u8) {
+        let prev = self.tail[4];
+        self.size += 1;
+        if self.size > self.limits.max_size {
+            self.violate(Violation::TooBig);
+        }
+        if b == b'\n' && prev != b'\r' {
+            self.violate(Violation::BareNewline);
+        }
+        if prev == b'\r' && b != b'\n' {
+            self.violate(Violation::BareNewline);
+        }
+        if b == b'\n' {
+            // A line of just CRLF ends the header section.
+            if self.line_len == 1 {
+                self.in_headers = false;
+            }
+            self.line_len = 0;
+            self.hdr_len = 0;
+        } else {
+            self.line_len += 1;
+            if self.line_len > self.limits.max_line {
+                self.violate(Violation::LineTooLong);
+            }
+            if self.in_headers && self.hdr_len < RECEIVED.len() && self.line_len == self.hdr_len + 1
+            {
+                self.hdr[self.hdr_len] = b;
+                self.hdr_len += 1;
+                if self.hdr_len == RECEIVED.len() && self.hdr.eq_ignore_ascii_case(RECEIVED) {
+                    self.received += 1;
+                    if self.received > self.limits.max_received {
+                        self.violate(Violation::Loop);
+                    }
+                }
+            }
+        }
+        self.tail.copy_within(1.., 0);
+        self.tail[4] = b;
+    }
+
+    /// DATA mode: scans `input`, appends what may be forwarded to `out`, and returns the
+    /// number of input bytes that belonged to the message once `<CRLF>.<CRLF>` is seen
+    /// (what follows is the client's next command, pipelined).
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        debug_assert_eq!(self.mode, Mode::Dot);
+        for (i, &b) in input.iter().enumerate() {
+            // End of data: CRLF "." CRLF, the first CRLF possibly the primed one.
+            if b == b'\n' && self.tail[1..] == *b"\r\n.\r" {
+                // The held `.` and `\r` are the terminator, not content; the size counted
+                // them, so take them back.
+                self.size = self.size.saturating_sub(2);
+                self.n_held = 0;
+                self.done = true;
+                return Some(i + 1);
+            }
+            self.check(b);
+            self.emit(b, out);
+        }
+        None
+    }
+
+    /// BDAT mode: scans one chunk's bytes, dot-stuffing them into `out`.
+    pub fn feed_raw(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        debug_assert_eq!(self.mode, Mode::Raw);
+        for &b in input {
+            let line_start = self.tail[3] == b'\r' && self.tail[4] == b'\n';
+            self.check(b);
+            if b == b'.' && line_start {
+                self.emit(b'.', out);
+            }
+            self.emit(b, out);
+        }
+    }
+
+    /// BDAT mode, after the LAST chunk: flushes held bytes, makes sure the content ends with
+    /// CRLF (DATA needs it before the final dot), and catches a bare CR at the very end.
+    pub fn finish_raw(&mut self, out: &mut Vec<u8>) {
+        if self.tail[4] == b'\r' {
+            self.violate(Violation::BareNewline);
+        }
+        self.flush(out);
+        if self.violation.is_none() && self.size > 0 && self.tail[3..] != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        self.done = true;
+    }
+
+    /// Forwards the held bytes of a BDAT chunk boundary that cannot be a terminator. In DATA
+    /// mode held bytes stay held: they might still turn out to be `.<CR>`.
+    pub fn flush(&mut self, out: &mut Vec<u8>) {
+        if self.mode == Mode::Raw && self.violation.is_none() {
+            // A trailing CR must wait for the next chunk's first byte.
+            let keep = usize::from(self.n_held > 0 && self.held[self.n_held - 1] == b'\r');
+            let emit = self.n_held - keep;
+            out.extend_from_slice(&self.held[..emit]);
+            if keep == 1 {
+                self.held[0] = b'\r';
+            }
+            self.n_held = keep;
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_size: 1 << 20,
+        max_line: 2048,
+        max_received: 50,
+    };
+
+    fn scan(input: &[u8]) -> (Option<usize>, Vec<u8>, Option<Violation>) {
+        let mut s = DataScanner::new(Mode::Dot, LIMITS);
+        let mut out = Vec::new();
+        let end = s.feed(input, &mut out);
+        (end, out, s.violation())
+    }
+
+    /// Byte by byte must give the same result as all at once.
+    fn scan_bytewise(input: &[u8]) -> (Option<usize>, Vec<u8>, Option<Violation>) {
+        let mut s = DataScanner::new(Mode::Dot, LIMITS);
+        let mut out = Vec::new();
+        for (i, b) in input.iter().enumerate() {
+            if s.feed(std::slice::from_ref(b), &mut out).is_some() {
+                return (Some(i + 1), out, s.violation());
+            }
+        }
+        (None, out, s.violation())
+    }
+
+    #[test]
+    fn plain_message_ends_at_crlf_dot_crlf() {
+        let msg = b"Subject: hi\r\n\r\nbody\r\n..stuffed\r\n.\r\nQUIT\r\n";
+        for f in [scan, scan_bytewise] {
+            let (end, out, v) = f(msg);
+            assert_eq!(end, Some(msg.len() - 6));
+            assert_eq!(out, b"Subject: hi\r\n\r\nbody\r\n..stuffed\r\n");
+            assert_eq!(v, None);
+        }
+    }
+
+    #[test]
+    fn empty_message() {
+        assert_eq!(scan(b".\r\n"), (Some(3), vec![], None));
+    }
+
+    #[test]
+    fn smuggling_variants_are_refused_and_never_forwarded() {
+        // Each end-of-data reading a lenient server might accept, followed by a second
+        // message. Only the real terminator at the end ends DATA.
+        for fake_end in [
+            &b"\n.\n"[..],
+            b"\n.\r\n",
+            b"\r\n.\n",
+            b"\r.\r",
+            b"\r\n.\r",
+            b"\r\r\n.\r\r\n",
+            b"\n",
+            b"\r",
+        ] {
+            let mut msg = b"Subject: x\r\n\r\nhello".to_vec();
+            msg.extend_from_slice(fake_end);
+            msg.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nspoof\r\n.\r\n");
+            for f in [scan, scan_bytewise] {
+                let (end, out, v) = f(&msg);
+                assert_eq!(end, Some(msg.len()), "{fake_end:?}");
+                assert_eq!(v, Some(Violation::BareNewline), "{fake_end:?}");
+                assert!(
+                    !out.windows(4).any(|w| w == b"MAIL"),
+                    "{fake_end:?} forwarded {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+                for (i, &b) in out.iter().enumerate() {
+                    if b == b'\n' {
+                        assert_eq!(out[i - 1], b'\r', "bare LF forwarded for {fake_end:?}");
+                    }
+                    if b == b'\r' {
+                        assert_eq!(
+                            out.get(i + 1),
+                            Some(&b'\n'),
+                            "bare CR forwarded for {fake_end:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn received_headers_are_counted_in_the_header_section_only() {
+        let mut msg = Vec::new();
+        for _ in 0..51 {
+            msg.extend_from_slice(b"Received: from a by b\r\n");
+        }
+        msg.extend_from_slice(b"\r\nbody\r\n.\r\n");
+        let (_, _, v) = scan(&msg);
+        assert_eq!(v, Some(Violation::Loop));
+        let mut ok = b"RECEIVED: x\r\n\r\n".to_vec();
+        for _ in 0..60 {
+            ok.extend_from_slice(b"Received: in the body\r\n");
+        }
+        ok.extend_from_slice(b".\r\n");
+        let mut s = DataScanner::new(Mode::Dot, LIMITS);
+        let mut out = Vec::new();
+        assert!(s.feed(&ok, &mut out).is_some());
+        assert_eq!(s.received_headers(), 1);
+        assert_eq!(s.violation(), None);
+    }
+
+    #[test]
+    fn size_and_line_limits() {
+        let small = Limits {
+            max_size: 10,
+            ..LIMITS
+        };
+        let mut s = DataScanner::new(Mode::Dot, small);
+        let mut out = Vec::new();
+        assert!(s.feed(b"0123456789abc\r\n.\r\n", &mut out).is_some());
+        assert_eq!(s.violation(), Some(Violation::TooBig));
+        let short = Limits {
+            max_line: 4,
+            ..LIMITS
+        };
+        let mut s = DataScanner::new(Mode::Dot, short);
+        assert!(s.feed(b"abcd\r\nabcde\r\n.\r\n", &mut out).is_some());
+        assert_eq!(s.violation(), Some(Violation::LineTooLong));
+    }
+
+    #[test]
+    fn bdat_is_dot_stuffed_and_checked() {
+        let mut s = DataScanner::new(Mode::Raw, LIMITS);
+        let mut out = Vec::new();
+        s.feed_raw(b"a\r\n.b\r", &mut out);
+        s.flush(&mut out);
+        s.feed_raw(b"\n.\r\nend", &mut out);
+        s.finish_raw(&mut out);
+        assert_eq!(s.violation(), None);
+        assert_eq!(out, b"a\r\n..b\r\n..\r\nend\r\n");
+
+        let mut s = DataScanner::new(Mode::Raw, LIMITS);
+        let mut out = Vec::new();
+        s.feed_raw(b"a\n.\nb", &mut out);
+        s.finish_raw(&mut out);
+        assert_eq!(s.violation(), Some(Violation::BareNewline));
+        assert!(!out.contains(&b'\n'));
+
+        let mut s = DataScanner::new(Mode::Raw, LIMITS);
+        let mut out = Vec::new();
+        s.feed_raw(b"x\r", &mut out);
+        s.finish_raw(&mut out);
+        assert_eq!(s.violation(), Some(Violation::BareNewline));
+    }
+}

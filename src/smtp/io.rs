@@ -1,0 +1,244 @@
+//! Buffered, line-oriented I/O over a stream that may switch to TLS mid-session.
+//!
+//! Both sides of the proxy use it: the client session (server role) and the backend
+//! connections (client role). Reads are bounded: a line longer than the caller's limit is
+//! reported and skipped, never buffered without end.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// A stream before or after STARTTLS. `Upgrading` only exists for the instant the plain
+/// stream is moved into the TLS handshake.
+pub enum Conn<S> {
+    Plain(S),
+    ServerTls(Box<tokio_rustls::server::TlsStream<S>>),
+    ClientTls(Box<tokio_rustls::client::TlsStream<S>>),
+    Upgrading,
+}
+
+impl<S> Conn<S> {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::ServerTls(_) | Conn::ClientTls(_))
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "stream is being upgraded to TLS",
+    )
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Upgrading => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Upgrading => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Upgrading => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+/// What [`LineIo::read_line`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A complete line, CRLF included.
+    Ok(Vec<u8>),
+    /// A line that ends in a bare LF, or holds a CR or NUL before its end.
+    BadNewline,
+    /// A line longer than the limit (skipped up to its end).
+    TooLong,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("connection closed")]
+    Closed,
+    #[error("timed out")]
+    Timeout,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+pub struct LineIo<S> {
+    pub conn: Conn<S>,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
+    pub fn new(conn: Conn<S>) -> Self {
+        Self {
+            conn,
+            rbuf: BytesMut::with_capacity(4096),
+            wbuf: Vec::with_capacity(1024),
+        }
+    }
+
+    /// Bytes received but not consumed yet (pipelined commands).
+    pub fn buffered(&self) -> &[u8] {
+        &self.rbuf
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.rbuf.advance(n);
+    }
+
+    /// Throws away whatever the peer sent ahead: after STARTTLS nothing sent in plaintext
+    /// may be taken as if it came over TLS (CVE-2011-0411).
+    pub fn discard_buffered(&mut self) -> usize {
+        let n = self.rbuf.len();
+        self.rbuf.clear();
+        n
+    }
+
+    /// Reads more bytes into the buffer; `Closed` at EOF.
+    pub async fn fill(&mut self, timeout: Duration) -> Result<usize, IoError> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(8192);
+        }
+        let n = tokio::time::timeout(timeout, self.conn.read_buf(&mut self.rbuf))
+            .await
+            .map_err(|_| IoError::Timeout)??;
+        if n == 0 {
+            return Err(IoError::Closed);
+        }
+        Ok(n)
+    }
+
+    /// Reads one line of at most `max` octets (CRLF included).
+    pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, IoError> {
+        let mut skipping = false;
+        loop {
+            if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let line = self.rbuf.split_to(pos + 1);
+                if skipping || line.len() > max {
+                    return Ok(Line::TooLong);
+                }
+                let body = &line[..line.len() - 1];
+                let ok = body.last() == Some(&b'\r')
+                    && !body[..body.len() - 1].iter().any(|&b| b == b'\r' || b == 0);
+                return Ok(if ok {
+                    Line::Ok(line.to_vec())
+                } else {
+                    Line::BadNewline
+                });
+            }
+            if self.rbuf.len() > max {
+                // Too long: drop what we have and keep dropping until the end of the line,
+                // so memory stays bounded whatever the peer sends.
+                skipping = true;
+                self.rbuf.clear();
+            }
+            self.fill(timeout).await?;
+        }
+    }
+
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    pub fn queue_reply(&mut self, r: &super::reply::Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
+    pub async fn flush(&mut self, timeout: Duration) -> Result<(), IoError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let fut = async {
+            self.conn.write_all(&self.wbuf).await?;
+            self.conn.flush().await
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .map_err(|_| IoError::Timeout)??;
+        self.wbuf.clear();
+        Ok(())
+    }
+
+    pub async fn write_now(&mut self, bytes: &[u8], timeout: Duration) -> Result<(), IoError> {
+        self.queue(bytes);
+        self.flush(timeout).await
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.conn.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_bounded_and_strict() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut io = LineIo::new(Conn::Plain(b));
+        let long = vec![b'x'; 5000];
+        a.write_all(b"EHLO x\r\nNOOP\n").await.unwrap();
+        a.write_all(&long).await.unwrap();
+        a.write_all(b"\r\nMAIL\rFROM\r\nQUIT\r\n").await.unwrap();
+        let t = Duration::from_secs(1);
+        assert_eq!(
+            io.read_line(1000, t).await.unwrap(),
+            Line::Ok(b"EHLO x\r\n".to_vec())
+        );
+        assert_eq!(io.read_line(1000, t).await.unwrap(), Line::BadNewline);
+        assert_eq!(io.read_line(1000, t).await.unwrap(), Line::TooLong);
+        assert_eq!(io.read_line(1000, t).await.unwrap(), Line::BadNewline);
+        assert_eq!(
+            io.read_line(1000, t).await.unwrap(),
+            Line::Ok(b"QUIT\r\n".to_vec())
+        );
+        drop(a);
+        assert!(matches!(io.read_line(1000, t).await, Err(IoError::Closed)));
+    }
+}

@@ -1,0 +1,1310 @@
+//! One client SMTP session: the command state machine.
+//!
+//! Routing happens per recipient: MAIL takes one routing-table snapshot for the whole
+//! transaction; each RCPT is looked up in it and offered live to the owner target's server
+//! (its backend transaction is opened lazily with the first recipient for that target), and
+//! the server's reply goes back to the client. DATA/BDAT content is scanned (see `data`)
+//! and streamed to every involved target at once, never buffered whole.
+//!
+//! The session is generic over the stream so that tests can drive it over any duplex pipe.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures_util::future::join_all;
+use smtp_proto::{
+    AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS,
+    MAIL_SMTPUTF8, MailFrom, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER,
+    RCPT_NOTIFY_SUCCESS, RcptTo, Request,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use super::backend::{BackendConn, BackendError, Backends, Target};
+use super::data::{DataScanner, Limits, Mode, Violation};
+use super::io::{Conn, IoError, Line, LineIo};
+use super::reply::{Reply, codes};
+use crate::config::{ListenerMode, MixedRecipients, SmtpLimits};
+use crate::route::{Route, Router, RoutingTable};
+
+/// RFC 5321 §4.5.3.1.4 says 512; 1000 leaves room for extension parameters.
+const MAX_COMMAND_LINE: usize = 1000;
+/// RFC 4954 §4: AUTH lines may be up to 12288 octets (OAuth tokens are long).
+const MAX_AUTH_LINE: usize = 12288;
+/// Errors in a row before the session is closed (slow brute force, garbage).
+const MAX_ERRORS: u32 = 20;
+/// Loop guard (SPEC §4).
+const MAX_RECEIVED: usize = 50;
+
+/// What every session of one listener shares.
+pub struct SessionCtx {
+    pub hostname: String,
+    pub mode: ListenerMode,
+    pub mixed: MixedRecipients,
+    pub add_received: bool,
+    pub limits: SmtpLimits,
+    pub router: Arc<Router>,
+    pub backends: Arc<Backends>,
+    pub tls: Option<TlsAcceptor>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client: {0}")]
+    Client(#[from] IoError),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+}
+
+/// One part of a transaction: the recipients for one target and the backend transaction
+/// that carries them.
+struct Part {
+    target: Arc<Target>,
+    conn: Option<BackendConn>,
+    /// Set when the backend transaction failed; recipients for this target get this reply.
+    failed: Option<Reply>,
+    accepted: Vec<String>,
+    /// The authenticated submission connection (not pooled; goes back to the session).
+    pinned: bool,
+    /// The backend gave its final reply to the message: ready for a new MAIL as it is.
+    done: bool,
+}
+
+impl Part {
+    fn live(&self) -> bool {
+        self.failed.is_none() && self.conn.is_some() && !self.accepted.is_empty()
+    }
+
+    fn fail(&mut self, reply: Reply) {
+        if let Some(c) = self.conn.as_mut() {
+            c.abort();
+        }
+        self.failed = Some(reply);
+    }
+}
+
+struct Txn {
+    table: Arc<RoutingTable>,
+    from: MailFrom<String>,
+    parts: Vec<Part>,
+    rcpts: u32,
+    /// BDAT in progress: the scanner and whether the backends got their DATA.
+    bdat: Option<DataScanner>,
+    /// A BDAT failed: the rest of the transaction's chunks are read and discarded.
+    bdat_failed: Option<Reply>,
+}
+
+/// The authenticated login of a submission session and its backend connection.
+struct Auth {
+    login: String,
+    target: Arc<Target>,
+    conn: Option<BackendConn>,
+}
+
+pub struct Session<S> {
+    ctx: Arc<SessionCtx>,
+    io: LineIo<S>,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    txn: Option<Txn>,
+    auth: Option<Auth>,
+    errors: u32,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(
+        ctx: Arc<SessionCtx>,
+        conn: Conn<S>,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            ctx,
+            io: LineIo::new(conn),
+            peer,
+            helo: None,
+            esmtp: false,
+            txn: None,
+            auth: None,
+            errors: 0,
+            shutdown,
+        }
+    }
+
+    fn tls(&self) -> bool {
+        self.io.conn.is_tls()
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        if r.code >= 400 {
+            self.errors += 1;
+        }
+        self.io.queue_reply(r);
+    }
+
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        Ok(self.io.flush(self.ctx.limits.command_timeout).await?)
+    }
+
+    /// Runs the session to its end. I/O errors on the client side end it quietly.
+    pub async fn run(mut self) -> Result<(), SessionError> {
+        metrics::counter!("coexist_smtp_sessions_total").increment(1);
+        let delay = self.ctx.limits.greeting_delay;
+        if !delay.is_zero() {
+            // Talk before the greeting is what spam engines do; a real MTA waits.
+            if let Ok(r) = tokio::time::timeout(delay, self.io.fill(delay)).await {
+                r?;
+                self.reply(&codes::talk_before_greeting());
+                self.flush().await?;
+                return Ok(());
+            }
+        }
+        let greeting = Reply::new(220, format!("{} ESMTP coexist", self.ctx.hostname));
+        self.reply(&greeting);
+        let result = self.command_loop().await;
+        self.end_txn().await;
+        if let Some(mut a) = self.auth.take()
+            && let Some(c) = a.conn.as_mut()
+        {
+            c.quit().await;
+        }
+        result
+    }
+
+    async fn command_loop(&mut self) -> Result<(), SessionError> {
+        loop {
+            // Pipelining (RFC 2920): replies may wait while more commands are buffered.
+            if !self.io.buffered().contains(&b'\n') {
+                self.flush().await?;
+            }
+            if self.errors >= MAX_ERRORS {
+                self.reply(&Reply::new(
+                    421,
+                    "4.7.0 Too many errors, closing connection",
+                ));
+                self.flush().await?;
+                return Ok(());
+            }
+            let line = {
+                let timeout = self.ctx.limits.command_timeout;
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    r = self.io.read_line(MAX_AUTH_LINE, timeout) => r,
+                    () = crate::listener::stopped(&mut shutdown), if self.txn.is_none() => {
+                        let host = self.ctx.hostname.clone();
+                        self.reply(&codes::shutting_down(&host));
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                }
+            };
+            let line = match line {
+                Ok(Line::Ok(l)) => l,
+                Ok(Line::TooLong) => {
+                    self.reply(&codes::line_too_long());
+                    continue;
+                }
+                Ok(Line::BadNewline) => {
+                    self.reply(&codes::bare_newline_command());
+                    continue;
+                }
+                Err(IoError::Timeout) => {
+                    self.reply(&codes::timeout());
+                    let _ = self.flush().await;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+            if line.len() > MAX_COMMAND_LINE && !is_auth {
+                self.reply(&codes::line_too_long());
+                continue;
+            }
+            if !self.handle(&line).await? {
+                self.flush().await?;
+                self.io.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handles one command line; `false` ends the session.
+    async fn handle(&mut self, line: &[u8]) -> Result<bool, SessionError> {
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => {
+                self.reply(&parse_error(&e));
+                return Ok(true);
+            }
+        };
+        match req {
+            Request::Ehlo { host } => self.ehlo(host, true),
+            Request::Helo { host } => self.ehlo(host, false),
+            Request::Lhlo { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Expn { .. } => self.reply(&codes::not_implemented()),
+            Request::StartTls => return self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response).await?,
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to).await,
+            Request::Data => self.data().await?,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last).await?,
+            Request::Rset => {
+                self.end_txn().await;
+                self.reply(&codes::reset());
+            }
+            Request::Noop { .. } => self.reply(&codes::noop()),
+            Request::Vrfy { .. } => self.reply(&codes::vrfy()),
+            Request::Help { .. } => self.reply(&Reply::new(214, "2.0.0 See RFC 5321")),
+            Request::Quit => {
+                let host = self.ctx.hostname.clone();
+                self.reply(&codes::bye(&host));
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The EHLO keywords: only what coexist honours towards every target this listener may
+    /// route to (their EHLO answers are learned by connections and health probes).
+    fn ehlo(&mut self, host: String, esmtp: bool) {
+        if host.is_empty() || host.chars().any(char::is_control) {
+            self.reply(&codes::syntax("EHLO needs a domain or address literal"));
+            return;
+        }
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        // EHLO resets the transaction (RFC 5321 §4.1.4).
+        if let Some(txn) = self.txn.take() {
+            Self::drop_txn(txn);
+        }
+        let greet = format!("{} Hello {}", self.ctx.hostname, self.peer.ip());
+        if !esmtp {
+            self.reply(&Reply::new(250, greet));
+            return;
+        }
+        let mut lines = vec![greet];
+        let targets: Vec<_> = self.ctx.backends.targets.iter().map(|t| t.caps()).collect();
+        let all = |f: fn(&super::backend::Caps) -> bool| {
+            targets.iter().all(|c| c.as_ref().is_some_and(f))
+        };
+        let mut size = self.ctx.limits.max_message_size;
+        for c in targets.iter().flatten() {
+            if let Some(s) = c.size.filter(|s| *s > 0) {
+                size = size.min(s);
+            }
+        }
+        lines.push(format!("SIZE {size}"));
+        lines.push("PIPELINING".into());
+        // BDAT is translated to DATA towards backends, so CHUNKING is always honoured.
+        lines.push("CHUNKING".into());
+        if all(|c| c.eightbitmime) {
+            lines.push("8BITMIME".into());
+        }
+        if all(|c| c.smtputf8) {
+            lines.push("SMTPUTF8".into());
+        }
+        if all(|c| c.dsn) {
+            lines.push("DSN".into());
+        }
+        lines.push("ENHANCEDSTATUSCODES".into());
+        if self.ctx.tls.is_some() && !self.tls() {
+            lines.push("STARTTLS".into());
+        }
+        if self.ctx.mode != ListenerMode::Relay && self.tls() && self.auth.is_none() {
+            lines.push("AUTH PLAIN LOGIN XOAUTH2".into());
+        }
+        self.reply(&Reply { code: 250, lines });
+    }
+
+    async fn starttls(&mut self) -> Result<bool, SessionError> {
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            self.reply(&codes::tls_unavailable());
+            return Ok(true);
+        };
+        if self.tls() {
+            self.reply(&codes::bad_sequence("TLS already active"));
+            return Ok(true);
+        }
+        // Plaintext pipelined after STARTTLS would be taken as if it came over TLS
+        // (CVE-2011-0411): throw it away before answering.
+        let injected = self.io.discard_buffered();
+        if injected > 0 {
+            tracing::warn!(peer = %self.peer, bytes = injected, "discarded plaintext pipelined after STARTTLS");
+        }
+        self.reply(&codes::ready_tls());
+        self.flush().await?;
+        let Conn::Plain(plain) = std::mem::replace(&mut self.io.conn, Conn::Upgrading) else {
+            return Ok(false);
+        };
+        let tls = tokio::time::timeout(Duration::from_secs(30), acceptor.accept(plain))
+            .await
+            .map_err(|_| SessionError::Client(IoError::Timeout))?
+            .map_err(SessionError::Tls)?;
+        self.io.conn = Conn::ServerTls(Box::new(tls));
+        // RFC 3207 §4.2: forget everything learned before TLS.
+        self.helo = None;
+        self.esmtp = false;
+        if let Some(txn) = self.txn.take() {
+            Self::drop_txn(txn);
+        }
+        Ok(true)
+    }
+
+    fn mail(&mut self, from: MailFrom<String>) {
+        if self.helo.is_none() {
+            self.reply(&codes::bad_sequence("send EHLO or HELO first"));
+            return;
+        }
+        if self.txn.is_some() {
+            self.reply(&codes::bad_sequence("nested MAIL command"));
+            return;
+        }
+        if self.ctx.mode != ListenerMode::Relay {
+            if !self.tls() {
+                self.reply(&codes::tls_required());
+                return;
+            }
+            if self.auth.is_none() {
+                self.reply(&codes::auth_required());
+                return;
+            }
+        }
+        if from.address.chars().any(char::is_control) {
+            self.reply(&codes::syntax("bad sender address"));
+            return;
+        }
+        if from.size as u64 > self.ctx.limits.max_message_size {
+            self.reply(&codes::message_too_big());
+            return;
+        }
+        self.txn = Some(Txn {
+            table: self.ctx.router.snapshot(),
+            from,
+            parts: Vec::new(),
+            rcpts: 0,
+            bdat: None,
+            bdat_failed: None,
+        });
+        self.reply(&codes::sender_ok());
+    }
+
+    async fn rcpt(&mut self, to: RcptTo<String>) {
+        let Some(txn) = self.txn.as_mut() else {
+            self.reply(&codes::bad_sequence("need MAIL before RCPT"));
+            return;
+        };
+        if txn.bdat.is_some() {
+            self.reply(&codes::bad_sequence("RCPT after BDAT"));
+            return;
+        }
+        if to.address.is_empty() || to.address.chars().any(char::is_control) {
+            self.reply(&Reply::new(501, "5.1.3 Bad recipient address syntax"));
+            return;
+        }
+        if txn.rcpts >= self.ctx.limits.max_recipients {
+            self.reply(&codes::too_many_recipients());
+            return;
+        }
+        txn.rcpts += 1;
+        // Submission: the authenticated user's own server relays for them.
+        let (target, site) = if let Some(auth) = &self.auth {
+            (Arc::clone(&auth.target), String::from("-"))
+        } else {
+            let table = Arc::clone(&txn.table);
+            let route = table.lookup(&to.address);
+            let (target_id, site) = match route {
+                Route::Mailbox(m) => (m.owner(), m.site().to_string()),
+                Route::DomainDefault { target, .. } => (target, String::from("-")),
+                Route::Reject { .. } => {
+                    count_rcpt("-", "-", "unknown");
+                    self.reply(&codes::no_such_user());
+                    return;
+                }
+                Route::NotOurs => {
+                    count_rcpt("-", "-", "relay_denied");
+                    self.reply(&codes::relay_denied());
+                    return;
+                }
+            };
+            let name = table.target_name(target_id);
+            let Some(t) = self.ctx.backends.target(name) else {
+                tracing::error!(
+                    target = name,
+                    "routing table names a target with no backend"
+                );
+                self.reply(&codes::target_unavailable());
+                return;
+            };
+            (Arc::clone(t), site)
+        };
+        let txn = self.txn.as_mut().expect("checked above");
+        if self.ctx.mixed == MixedRecipients::Defer
+            && txn
+                .parts
+                .first()
+                .is_some_and(|p| !Arc::ptr_eq(&p.target, &target))
+        {
+            count_rcpt(&target.name, &site, "deferred");
+            self.reply(&codes::deferred_other_target());
+            return;
+        }
+        let idx = match txn
+            .parts
+            .iter()
+            .position(|p| Arc::ptr_eq(&p.target, &target))
+        {
+            Some(i) => i,
+            None => {
+                let part = self.open_part(Arc::clone(&target)).await;
+                let txn = self.txn.as_mut().expect("checked above");
+                txn.parts.push(part);
+                txn.parts.len() - 1
+            }
+        };
+        let txn = self.txn.as_mut().expect("checked above");
+        let part = &mut txn.parts[idx];
+        if let Some(r) = &part.failed {
+            let r = r.clone();
+            count_rcpt(&target.name, &site, "failed");
+            self.reply(&r);
+            return;
+        }
+        let Some(conn) = part.conn.as_mut() else {
+            self.reply(&codes::target_unavailable());
+            return;
+        };
+        let line = rcpt_line(&to, conn.caps.dsn);
+        let reply = match conn.command(&line).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, target = %target.name, "backend failed at RCPT");
+                part.fail(codes::target_unavailable());
+                codes::target_unavailable()
+            }
+        };
+        if reply.is_positive() {
+            part.accepted.push(to.address.clone());
+        }
+        let result = if reply.is_positive() {
+            "accepted"
+        } else if reply.is_transient() {
+            "tempfail"
+        } else {
+            "rejected"
+        };
+        count_rcpt(&target.name, &site, result);
+        tracing::info!(
+            peer = %self.peer, from = %txn.from.address, rcpt = %to.address,
+            target = %target.name, site = %site, reply = %reply,
+            version = %txn.table.version(), "recipient"
+        );
+        self.reply(&reply);
+    }
+
+    /// Opens the backend transaction for `target`: a connection (pooled, or the pinned
+    /// submission one) and MAIL FROM.
+    async fn open_part(&mut self, target: Arc<Target>) -> Part {
+        let mut part = Part {
+            target: Arc::clone(&target),
+            conn: None,
+            failed: None,
+            accepted: Vec::new(),
+            pinned: false,
+            done: false,
+        };
+        let from = &self.txn.as_ref().expect("in a transaction").from;
+        if let Some(auth) = self.auth.as_mut() {
+            part.pinned = true;
+            let Some(mut conn) = auth.conn.take() else {
+                part.failed = Some(codes::target_unavailable());
+                return part;
+            };
+            match mail_line(from, &conn.caps) {
+                Err(r) => part.failed = Some(r),
+                Ok(line) => match conn.command(&line).await {
+                    Ok(r) if r.is_positive() => {}
+                    Ok(r) => part.failed = Some(r),
+                    Err(_) => part.failed = Some(codes::target_unavailable()),
+                },
+            }
+            part.conn = Some(conn);
+            return part;
+        }
+        // A pooled connection may have been closed by the server while idle: one retry on
+        // a fresh connection.
+        for attempt in 0..2 {
+            let acquired = if attempt == 0 {
+                self.ctx.backends.acquire(&target).await
+            } else {
+                self.ctx.backends.connect_new(&target).await
+            };
+            let mut conn = match acquired {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(target = %target.name, error = %e, "target unreachable");
+                    part.failed = Some(codes::target_unavailable());
+                    return part;
+                }
+            };
+            let line = match mail_line(from, &conn.caps) {
+                Ok(l) => l,
+                Err(r) => {
+                    self.ctx.backends.release(conn);
+                    part.failed = Some(r);
+                    return part;
+                }
+            };
+            match conn.command(&line).await {
+                Ok(r) if r.is_positive() => {
+                    part.conn = Some(conn);
+                    return part;
+                }
+                Ok(r) => {
+                    // The server refused the sender; the connection itself is fine.
+                    if conn.rset().await {
+                        self.ctx.backends.release(conn);
+                    }
+                    part.failed = Some(r);
+                    return part;
+                }
+                Err(e) if conn.reused && attempt == 0 => {
+                    tracing::debug!(error = %e, "pooled backend connection was stale");
+                }
+                Err(e) => {
+                    tracing::warn!(target = %target.name, error = %e, "backend failed at MAIL");
+                    part.failed = Some(codes::target_unavailable());
+                    return part;
+                }
+            }
+        }
+        part.failed = Some(codes::target_unavailable());
+        part
+    }
+
+    /// Sends DATA to every part with recipients; `Err` carries the reply for the client
+    /// when no part is ready to take the message.
+    async fn start_backend_data(&mut self) -> Result<(), Reply> {
+        let Some(txn) = self.txn.as_mut() else {
+            return Err(codes::bad_sequence("need MAIL and RCPT first"));
+        };
+        if !txn.parts.iter().any(|p| !p.accepted.is_empty()) {
+            return Err(codes::no_valid_recipients());
+        }
+        let replies = join_all(txn.parts.iter_mut().filter(|p| p.live()).map(|p| async {
+            let conn = p.conn.as_mut().expect("live part has a connection");
+            let r = conn.command("DATA\r\n").await;
+            (p, r)
+        }))
+        .await;
+        for (p, r) in replies {
+            match r {
+                Ok(r) if r.code == 354 => {}
+                Ok(r) => p.fail(r),
+                Err(_) => p.fail(codes::target_unavailable()),
+            }
+        }
+        if txn.parts.iter().any(Part::live) {
+            return Ok(());
+        }
+        Err(combine_failures(
+            txn.parts.iter().filter_map(|p| p.failed.as_ref()),
+        ))
+    }
+
+    fn received_header(&self) -> Vec<u8> {
+        let mut h = String::new();
+        let with = match (self.esmtp, self.tls(), self.auth.is_some()) {
+            (false, _, _) => "SMTP",
+            (true, false, _) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, true, true) => "ESMTPSA",
+        };
+        let helo = self
+            .helo
+            .as_deref()
+            .unwrap_or("unknown")
+            .replace(|c: char| c.is_control() || c == '(' || c == ')', "");
+        let _ = write!(
+            h,
+            "Received: from {helo} ([{}])\r\n\tby {} (coexist) with {with};\r\n\t{}\r\n",
+            self.peer.ip(),
+            self.ctx.hostname,
+            rfc5322_date(SystemTime::now())
+        );
+        h.into_bytes()
+    }
+
+    fn data_limits(&self) -> Limits {
+        Limits {
+            max_size: usize::try_from(self.ctx.limits.max_message_size).unwrap_or(usize::MAX),
+            max_line: self.ctx.limits.max_line_length as usize,
+            max_received: MAX_RECEIVED,
+        }
+    }
+
+    async fn data(&mut self) -> Result<(), SessionError> {
+        if self
+            .txn
+            .as_ref()
+            .is_some_and(|t| t.bdat.is_some() || t.bdat_failed.is_some())
+        {
+            self.reply(&codes::bdat_no_data());
+            return Ok(());
+        }
+        if let Err(r) = self.start_backend_data().await {
+            self.reply(&r);
+            if self.txn.is_some() {
+                self.end_txn().await;
+            }
+            return Ok(());
+        }
+        self.reply(&codes::start_data());
+        self.flush().await?;
+        let mut scanner = DataScanner::new(Mode::Dot, self.data_limits());
+        let mut out = Vec::with_capacity(64 * 1024);
+        if self.ctx.add_received {
+            out.extend_from_slice(&self.received_header());
+        }
+        loop {
+            let end = scanner.feed(self.io.buffered(), &mut out);
+            let consumed = end.unwrap_or(self.io.buffered().len());
+            self.io.consume(consumed);
+            if !out.is_empty() {
+                self.forward(&out).await;
+                out.clear();
+            }
+            if end.is_some() {
+                break;
+            }
+            match self.io.fill(self.ctx.limits.data_timeout).await {
+                Ok(_) => {}
+                Err(e) => {
+                    // The client vanished mid-DATA: nothing may be delivered.
+                    self.end_txn().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        let reply = self.finish_message(scanner.violation()).await;
+        self.reply(&reply);
+        Ok(())
+    }
+
+    async fn bdat(&mut self, size: usize, last: bool) -> Result<(), SessionError> {
+        // The chunk's bytes follow the command whatever we answer; read them first or the
+        // session loses sync.
+        let reply = self.bdat_chunk(size, last).await?;
+        if let Some(r) = reply {
+            self.reply(&r);
+        }
+        Ok(())
+    }
+
+    async fn bdat_chunk(&mut self, size: usize, last: bool) -> Result<Option<Reply>, SessionError> {
+        let mut problem: Option<Reply> = match &self.txn {
+            None => Some(codes::bad_sequence("need MAIL and RCPT first")),
+            Some(t) => t.bdat_failed.clone(),
+        };
+        if problem.is_none() && self.txn.as_ref().is_some_and(|t| t.bdat.is_none()) {
+            match self.start_backend_data().await {
+                Ok(()) => {
+                    if self.ctx.add_received {
+                        let header = self.received_header();
+                        self.forward(&header).await;
+                    }
+                    let sc = DataScanner::new(Mode::Raw, self.data_limits());
+                    if let Some(t) = self.txn.as_mut() {
+                        t.bdat = Some(sc);
+                    }
+                }
+                Err(r) => problem = Some(r),
+            }
+        }
+        if let Some(r) = &problem
+            && let Some(t) = self.txn.as_mut()
+        {
+            t.bdat_failed = Some(r.clone());
+        }
+        // Read exactly `size` bytes, streaming them through the scanner.
+        let mut left = size;
+        let mut out = Vec::with_capacity(64 * 1024);
+        while left > 0 {
+            if self.io.buffered().is_empty()
+                && let Err(e) = self.io.fill(self.ctx.limits.data_timeout).await
+            {
+                self.end_txn().await;
+                return Err(e.into());
+            }
+            let n = left.min(self.io.buffered().len());
+            if problem.is_none()
+                && let Some(sc) = self.txn.as_mut().and_then(|t| t.bdat.as_mut())
+            {
+                sc.feed_raw(&self.io.buffered()[..n], &mut out);
+            }
+            self.io.consume(n);
+            left -= n;
+            if !out.is_empty() {
+                self.forward(&out).await;
+                out.clear();
+            }
+        }
+        if let Some(r) = problem {
+            if last {
+                self.end_txn().await;
+            }
+            return Ok(Some(r));
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(None);
+        };
+        let Some(sc) = txn.bdat.as_mut() else {
+            return Ok(None);
+        };
+        if !last {
+            sc.flush(&mut out);
+            if !out.is_empty() {
+                self.forward(&out).await;
+            }
+            return Ok(Some(codes::ok(&format!("{size} octets received"))));
+        }
+        sc.finish_raw(&mut out);
+        let violation = sc.violation();
+        if !out.is_empty() {
+            self.forward(&out).await;
+        }
+        Ok(Some(self.finish_message(violation).await))
+    }
+
+    /// Writes message bytes to every live part at once; a part that fails is cut off.
+    async fn forward(&mut self, bytes: &[u8]) {
+        let Some(txn) = self.txn.as_mut() else { return };
+        let timeout = self.ctx.backends.settings.data_timeout;
+        let results = join_all(
+            txn.parts
+                .iter_mut()
+                .filter(|p| p.live())
+                .map(|p| async move {
+                    let conn = p.conn.as_mut().expect("live part has a connection");
+                    let r = conn.write_data(bytes, timeout).await;
+                    (p, r)
+                }),
+        )
+        .await;
+        for (p, r) in results {
+            if let Err(e) = r {
+                tracing::warn!(target = %p.target.name, error = %e, "backend failed during DATA");
+                p.fail(codes::target_unavailable());
+            }
+        }
+    }
+
+    /// Ends the message on every live part and decides the one reply the client gets.
+    async fn finish_message(&mut self, violation: Option<Violation>) -> Reply {
+        if let Some(v) = violation {
+            // Cut the backends off before their end-of-data: nothing is delivered.
+            if let Some(txn) = self.txn.as_mut() {
+                for p in &mut txn.parts {
+                    if let Some(c) = p.conn.as_mut() {
+                        c.abort();
+                    }
+                }
+            }
+            let r = match v {
+                Violation::BareNewline => codes::bare_newline_data(),
+                Violation::LineTooLong => codes::text_line_too_long(),
+                Violation::TooBig => codes::message_too_big(),
+                Violation::Loop => codes::loop_detected(),
+            };
+            tracing::warn!(peer = %self.peer, reply = %r, "message refused");
+            metrics::counter!("coexist_smtp_messages_total", "target" => "-", "result" => "refused").increment(1);
+            self.end_txn().await;
+            return r;
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return codes::local_error();
+        };
+        let final_timeout = self.ctx.backends.settings.final_timeout;
+        let results = join_all(
+            txn.parts
+                .iter_mut()
+                .filter(|p| p.live())
+                .map(|p| async move {
+                    let conn = p.conn.as_mut().expect("live part has a connection");
+                    let r = conn.end_data(final_timeout).await;
+                    (p, r)
+                }),
+        )
+        .await;
+        let mut accepted = Vec::new();
+        for (p, r) in results {
+            match r {
+                Ok(r) if r.is_positive() => {
+                    p.done = true;
+                    accepted.push((p.target.name.clone(), r));
+                }
+                Ok(r) => {
+                    p.done = true;
+                    p.failed = Some(r);
+                }
+                Err(e) => {
+                    tracing::warn!(target = %p.target.name, error = %e, "backend failed at end of DATA");
+                    p.fail(codes::target_unavailable());
+                }
+            }
+        }
+        let with_rcpts: Vec<&Part> = txn
+            .parts
+            .iter()
+            .filter(|p| !p.accepted.is_empty())
+            .collect();
+        let failed: Vec<&Reply> = with_rcpts
+            .iter()
+            .filter_map(|p| p.failed.as_ref())
+            .collect();
+        for p in &with_rcpts {
+            let result = match &p.failed {
+                None => "accepted",
+                Some(r) if r.is_transient() => "tempfail",
+                Some(_) => "rejected",
+            };
+            metrics::counter!("coexist_smtp_messages_total", "target" => p.target.name.clone(), "result" => result)
+                .increment(1);
+        }
+        let reply = if failed.is_empty() {
+            if accepted.len() == 1 {
+                // One target: its own reply (queue id and all) is the most transparent.
+                accepted.pop().map_or_else(codes::local_error, |(_, r)| r)
+            } else {
+                codes::ok("Message accepted for delivery")
+            }
+        } else if accepted.is_empty() {
+            combine_failures(failed.into_iter())
+        } else {
+            // Some targets hold the message, others do not. Without a spool the only safe
+            // answer is a temporary failure: the client retries and the accepting side gets
+            // a duplicate, which is better than a loss.
+            metrics::counter!("coexist_smtp_partial_duplicate_risk_total").increment(1);
+            tracing::warn!(
+                accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                "message accepted by some targets only; answering 451 (duplicate risk)"
+            );
+            codes::partial_duplicate_risk()
+        };
+        tracing::info!(peer = %self.peer, reply = %reply, "message");
+        self.end_txn().await;
+        reply
+    }
+
+    /// Ends the transaction: connections go back to the pool (or to the session, when
+    /// pinned) after RSET unless the backend already closed the transaction with its final
+    /// reply; broken ones are dropped.
+    async fn end_txn(&mut self) {
+        let Some(txn) = self.txn.take() else { return };
+        let mut pinned_back = None;
+        for mut p in txn.parts {
+            let Some(mut conn) = p.conn.take() else {
+                continue;
+            };
+            if conn.broken || (!p.done && !conn.rset().await) {
+                continue;
+            }
+            if p.pinned {
+                pinned_back = Some(conn);
+            } else {
+                self.ctx.backends.release(conn);
+            }
+        }
+        if let (Some(a), Some(c)) = (self.auth.as_mut(), pinned_back) {
+            a.conn = Some(c);
+        }
+    }
+
+    /// EHLO/STARTTLS drop a transaction without waiting for the backends: their
+    /// connections are closed, which cancels the backend transactions.
+    fn drop_txn(txn: Txn) {
+        for mut p in txn.parts {
+            if let Some(c) = p.conn.as_mut() {
+                c.abort();
+            }
+        }
+    }
+
+    async fn read_auth_line(&mut self) -> Result<Option<String>, SessionError> {
+        self.flush().await?;
+        match self
+            .io
+            .read_line(MAX_AUTH_LINE, self.ctx.limits.command_timeout)
+            .await?
+        {
+            Line::Ok(l) => {
+                let s = String::from_utf8_lossy(&l[..l.len() - 2])
+                    .trim()
+                    .to_string();
+                Ok(if s == "*" { None } else { Some(s) })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String) -> Result<(), SessionError> {
+        if self.ctx.mode == ListenerMode::Relay {
+            self.reply(&codes::not_implemented());
+            return Ok(());
+        }
+        if !self.tls() {
+            self.reply(&codes::tls_required());
+            return Ok(());
+        }
+        if self.auth.is_some() {
+            self.reply(&codes::already_authenticated());
+            return Ok(());
+        }
+        if self.txn.is_some() || self.helo.is_none() {
+            self.reply(&codes::bad_sequence("AUTH goes after EHLO and before MAIL"));
+            return Ok(());
+        }
+        // Collect the client's credentials as the mechanism defines, to replay them.
+        let (login, replay): (String, AuthReplay) = match mechanism {
+            AUTH_PLAIN => {
+                let resp = if initial.is_empty() {
+                    self.reply(&Reply::new(334, ""));
+                    match self.read_auth_line().await? {
+                        Some(r) => r,
+                        None => {
+                            self.reply(&codes::auth_cancelled());
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    initial
+                };
+                let Some(user) = decode_plain(&resp) else {
+                    self.reply(&Reply::new(501, "5.5.2 Cannot decode response"));
+                    return Ok(());
+                };
+                (user, AuthReplay::Plain(resp))
+            }
+            AUTH_LOGIN => {
+                let user_b64 = if initial.is_empty() {
+                    self.reply(&Reply::new(334, "VXNlcm5hbWU6"));
+                    match self.read_auth_line().await? {
+                        Some(r) => r,
+                        None => {
+                            self.reply(&codes::auth_cancelled());
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    initial
+                };
+                self.reply(&Reply::new(334, "UGFzc3dvcmQ6"));
+                let Some(pass_b64) = self.read_auth_line().await? else {
+                    self.reply(&codes::auth_cancelled());
+                    return Ok(());
+                };
+                let Some(user) = B64
+                    .decode(user_b64.as_bytes())
+                    .ok()
+                    .and_then(|u| String::from_utf8(u).ok())
+                else {
+                    self.reply(&Reply::new(501, "5.5.2 Cannot decode response"));
+                    return Ok(());
+                };
+                (user, AuthReplay::Login(user_b64, pass_b64))
+            }
+            AUTH_XOAUTH2 => {
+                let Some(user) = decode_xoauth2(&initial) else {
+                    self.reply(&Reply::new(501, "5.5.2 Cannot decode response"));
+                    return Ok(());
+                };
+                (user, AuthReplay::XOauth2(initial))
+            }
+            _ => {
+                self.reply(&codes::auth_mechanism());
+                return Ok(());
+            }
+        };
+        let table = self.ctx.router.snapshot();
+        let target_name = table
+            .lookup_login(&login)
+            .map(|m| m.owner())
+            .or_else(|| table.lookup(&login).target())
+            .map(|t| table.target_name(t).to_string());
+        let Some(target) = target_name.and_then(|n| self.ctx.backends.target(&n).cloned()) else {
+            tracing::info!(peer = %self.peer, login = %login, "AUTH for a login no target owns");
+            self.reply(&codes::auth_failed());
+            return Ok(());
+        };
+        let mut conn = match self.ctx.backends.connect_new(&target).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(target = %target.name, error = %e, "AUTH: target unreachable");
+                self.reply(&codes::target_unavailable());
+                return Ok(());
+            }
+        };
+        if !conn.is_tls() {
+            // Credentials never cross to a backend in plaintext.
+            conn.quit().await;
+            self.reply(&Reply::new(
+                454,
+                "4.7.0 TLS to the mailbox server not available",
+            ));
+            return Ok(());
+        }
+        let reply = match replay_auth(&mut conn, &replay).await {
+            Ok(r) => r,
+            Err(_) => codes::target_unavailable(),
+        };
+        tracing::info!(peer = %self.peer, login = %login, target = %target.name, reply = %reply, "AUTH");
+        if reply.code == 235 {
+            self.auth = Some(Auth {
+                login,
+                target,
+                conn: Some(conn),
+            });
+        } else {
+            conn.quit().await;
+        }
+        self.reply(&reply);
+        Ok(())
+    }
+
+    /// The login of an authenticated submission session.
+    pub fn login(&self) -> Option<&str> {
+        self.auth.as_ref().map(|a| a.login.as_str())
+    }
+}
+
+enum AuthReplay {
+    Plain(String),
+    Login(String, String),
+    XOauth2(String),
+}
+
+async fn replay_auth(conn: &mut BackendConn, how: &AuthReplay) -> Result<Reply, BackendError> {
+    match how {
+        AuthReplay::Plain(resp) => conn.command(&format!("AUTH PLAIN {resp}\r\n")).await,
+        AuthReplay::Login(user, pass) => {
+            let r = conn.command("AUTH LOGIN\r\n").await?;
+            if r.code != 334 {
+                return Ok(r);
+            }
+            let r = conn.command(&format!("{user}\r\n")).await?;
+            if r.code != 334 {
+                return Ok(r);
+            }
+            conn.command(&format!("{pass}\r\n")).await
+        }
+        AuthReplay::XOauth2(resp) => {
+            let r = conn.command(&format!("AUTH XOAUTH2 {resp}\r\n")).await?;
+            if r.code == 334 {
+                // The server's error details; the client side of XOAUTH2 answers empty.
+                return conn.command("\r\n").await;
+            }
+            Ok(r)
+        }
+    }
+}
+
+fn decode_plain(b64: &str) -> Option<String> {
+    let raw = B64.decode(b64.trim().as_bytes()).ok()?;
+    let mut parts = raw.split(|&b| b == 0);
+    let _authzid = parts.next()?;
+    let authcid = parts.next()?;
+    parts.next()?;
+    let user = String::from_utf8(authcid.to_vec()).ok()?;
+    (!user.is_empty()).then_some(user)
+}
+
+fn decode_xoauth2(b64: &str) -> Option<String> {
+    let raw = B64.decode(b64.trim().as_bytes()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    text.split('\x01')
+        .find_map(|kv| kv.strip_prefix("user="))
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+}
+
+fn count_rcpt(target: &str, site: &str, result: &'static str) {
+    metrics::counter!(
+        "coexist_smtp_recipients_total",
+        "target" => target.to_string(),
+        "site" => site.to_string(),
+        "result" => result
+    )
+    .increment(1);
+}
+
+/// One reply for several failed parts: a temporary failure wins (the client retries).
+fn combine_failures<'a>(mut failed: impl Iterator<Item = &'a Reply>) -> Reply {
+    let all: Vec<&Reply> = failed.by_ref().collect();
+    all.iter()
+        .find(|r| r.is_transient())
+        .or_else(|| all.first())
+        .map_or_else(codes::target_unavailable, |r| (*r).clone())
+}
+
+/// xtext (RFC 3461 §4): so that no value can inject CR/LF or spaces into a command.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "+{b:02X}");
+        }
+    }
+    out
+}
+
+/// Rebuilds MAIL FROM for a backend with the parameters it supports.
+fn mail_line(from: &MailFrom<String>, caps: &super::backend::Caps) -> Result<String, Reply> {
+    let mut line = format!("MAIL FROM:<{}>", from.address);
+    if from.flags & MAIL_SMTPUTF8 != 0 {
+        if !caps.smtputf8 {
+            return Err(Reply::new(
+                555,
+                "5.6.7 SMTPUTF8 is not supported by the destination",
+            ));
+        }
+        line.push_str(" SMTPUTF8");
+    }
+    if from.flags & MAIL_BODY_8BITMIME != 0 && caps.eightbitmime {
+        line.push_str(" BODY=8BITMIME");
+    }
+    if from.size > 0 && caps.size.is_some() {
+        let _ = write!(line, " SIZE={}", from.size);
+    }
+    if caps.dsn {
+        if from.flags & MAIL_RET_FULL != 0 {
+            line.push_str(" RET=FULL");
+        } else if from.flags & MAIL_RET_HDRS != 0 {
+            line.push_str(" RET=HDRS");
+        }
+        if let Some(id) = &from.env_id {
+            let _ = write!(line, " ENVID={}", xtext(id));
+        }
+    }
+    line.push_str("\r\n");
+    Ok(line)
+}
+
+fn rcpt_line(to: &RcptTo<String>, dsn: bool) -> String {
+    let mut line = format!("RCPT TO:<{}>", to.address);
+    if dsn {
+        let mut notify = Vec::new();
+        if to.flags & RCPT_NOTIFY_NEVER != 0 {
+            notify.push("NEVER");
+        }
+        if to.flags & RCPT_NOTIFY_SUCCESS != 0 {
+            notify.push("SUCCESS");
+        }
+        if to.flags & RCPT_NOTIFY_FAILURE != 0 {
+            notify.push("FAILURE");
+        }
+        if to.flags & RCPT_NOTIFY_DELAY != 0 {
+            notify.push("DELAY");
+        }
+        if !notify.is_empty() {
+            let _ = write!(line, " NOTIFY={}", notify.join(","));
+        }
+        if let Some(o) = &to.orcpt {
+            let _ = write!(line, " ORCPT=rfc822;{}", xtext(o));
+        }
+    }
+    line.push_str("\r\n");
+    line
+}
+
+fn parse_error(e: &smtp_proto::Error) -> Reply {
+    use smtp_proto::Error as E;
+    match e {
+        E::UnknownCommand => codes::unknown_command(),
+        E::InvalidSenderAddress => Reply::new(501, "5.1.7 Bad sender address syntax"),
+        E::InvalidRecipientAddress => Reply::new(501, "5.1.3 Bad recipient address syntax"),
+        E::SyntaxError { syntax } => codes::syntax(syntax),
+        E::InvalidParameter { param } => {
+            Reply::new(501, format!("5.5.4 Invalid parameter {param}"))
+        }
+        E::UnsupportedParameter { param } => {
+            Reply::new(555, format!("5.5.4 Unsupported parameter {param}"))
+        }
+        E::ResponseTooLong => codes::line_too_long(),
+        _ => codes::syntax("command not understood"),
+    }
+}
+
+/// RFC 5322 date-time in UTC, for our `Received:` header.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400).cast_signed();
+    let rem = secs % 86_400;
+    // Civil from days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {d} {} {y} {:02}:{:02}:{:02} +0000",
+        DAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xtext_escapes_everything_risky() {
+        assert_eq!(xtext("a b+c=\r\n"), "a+20b+2Bc+3D+0D+0A");
+        assert_eq!(xtext("QQ314159"), "QQ314159");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        let t = UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        assert_eq!(rfc5322_date(t), "Sun, 29 Nov 2026 07:33:20 +0000");
+    }
+
+    #[test]
+    fn auth_decoding() {
+        assert_eq!(
+            decode_plain(&B64.encode(b"\0alice\0secret")),
+            Some("alice".into())
+        );
+        assert_eq!(decode_plain(&B64.encode(b"alice")), None);
+        let x = B64.encode(b"user=bob@example.com\x01auth=Bearer tok\x01\x01");
+        assert_eq!(decode_xoauth2(&x), Some("bob@example.com".into()));
+    }
+}

@@ -1,0 +1,412 @@
+//! The SMTP proxy end to end: real sockets, a real SMTP client (lettre) or exact raw
+//! commands, recording backends for the old and new sides.
+
+mod support;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use support::{Backend, Behaviour, Client, Proxy, TestCert, base64};
+
+fn message(to: &[&str], subject: &str) -> Message {
+    let mut b = Message::builder()
+        .from("sender@internet.example".parse::<Mailbox>().unwrap())
+        .subject(subject);
+    for t in to {
+        b = b.to(t.parse::<Mailbox>().unwrap());
+    }
+    b.body(format!("Hello from {subject}\r\n")).unwrap()
+}
+
+fn relay_client(p: &Proxy) -> AsyncSmtpTransport<Tokio1Executor> {
+    AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+        .port(p.relay().port())
+        .build()
+}
+
+async fn setup() -> (Backend, Backend, Proxy) {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    (old, new, p)
+}
+
+#[tokio::test]
+async fn each_recipient_goes_to_its_owner() {
+    let (old, new, p) = setup().await;
+    let smtp = relay_client(&p);
+    smtp.send(message(&["alice@example.com"], "to alice"))
+        .await
+        .unwrap();
+    smtp.send(message(&["bob@example.com"], "to bob"))
+        .await
+        .unwrap();
+    // Alias, case and subaddress all find alice (site paris → new).
+    smtp.send(message(&["Alice.Smith+news@EXAMPLE.com"], "alias"))
+        .await
+        .unwrap();
+    // Unknown in a routed domain → the domain's default (old).
+    smtp.send(message(&["nobody@example.com"], "default"))
+        .await
+        .unwrap();
+    let n = new.wait_for(2).await;
+    let o = old.wait_for(2).await;
+    assert_eq!(n.len(), 2);
+    assert_eq!(o.len(), 2);
+    assert_eq!(n[0].rcpts, ["alice@example.com"]);
+    assert!(n[0].body_text().contains("Subject: to alice"));
+    assert_eq!(n[1].rcpts, ["Alice.Smith+news@EXAMPLE.com"]);
+    assert_eq!(o[0].rcpts, ["bob@example.com"]);
+    assert_eq!(o[1].rcpts, ["nobody@example.com"]);
+    // Our own Received header comes first.
+    assert!(
+        n[0].body_text().starts_with("Received: from "),
+        "{}",
+        n[0].body_text()
+    );
+    assert!(n[0].body_text().contains("by mx.test (coexist) with ESMTP"));
+}
+
+#[tokio::test]
+async fn mixed_recipients_are_delivered_once_to_each_side() {
+    let (old, new, p) = setup().await;
+    relay_client(&p)
+        .send(message(
+            &["alice@example.com", "bob@example.com", "nobody@example.com"],
+            "mixed",
+        ))
+        .await
+        .unwrap();
+    let n = new.wait_for(1).await;
+    let o = old.wait_for(1).await;
+    assert_eq!(n.len(), 1);
+    assert_eq!(o.len(), 1);
+    assert_eq!(n[0].rcpts, ["alice@example.com"]);
+    assert_eq!(o[0].rcpts, ["bob@example.com", "nobody@example.com"]);
+    assert_eq!(n[0].data, o[0].data, "identical content on both sides");
+    assert_eq!(n[0].from, "<sender@internet.example>");
+}
+
+#[tokio::test]
+async fn relay_is_denied_and_unknown_rules_hold() {
+    let (old, new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    let r = c.expect("RCPT TO:<victim@gmail.com>", "550").await;
+    assert!(r.contains("5.7.1"), "{r}");
+    let r = c.expect("RCPT TO:<nobody@example.org>", "550").await;
+    assert!(r.contains("5.1.1"), "{r}");
+    c.expect("RCPT TO:<carol@example.org>", "250").await;
+    c.expect("DATA", "354").await;
+    let r = c.cmd("Subject: x\r\n\r\nhi\r\n.").await;
+    assert!(r.starts_with("250"), "{r}");
+    c.expect("QUIT", "221").await;
+    assert_eq!(old.wait_for(1).await[0].rcpts, ["carol@example.org"]);
+    assert!(new.messages().is_empty());
+}
+
+#[tokio::test]
+async fn a_backend_refusal_reaches_the_client() {
+    let old = Backend::start(Behaviour {
+        rcpt_replies: HashMap::from([(
+            "bob@example.com".to_string(),
+            "552 5.2.2 Mailbox full".to_string(),
+        )]),
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    let r = c.expect("RCPT TO:<bob@example.com>", "552").await;
+    assert_eq!(r, "552 5.2.2 Mailbox full");
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: x\r\n\r\nhi\r\n.", "250").await;
+    assert_eq!(new.wait_for(1).await.len(), 1);
+    assert!(old.messages().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_target_gives_451_for_its_recipients_only() {
+    let new = Backend::start(Behaviour::default()).await;
+    // A port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let p = Proxy::start(dead, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    let r = c.expect("RCPT TO:<bob@example.com>", "451").await;
+    assert!(r.contains("4.4.1"), "{r}");
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: x\r\n\r\nhi\r\n.", "250").await;
+    assert_eq!(new.wait_for(1).await[0].rcpts, ["alice@example.com"]);
+}
+
+#[tokio::test]
+async fn defer_mode_sends_the_second_target_back_with_452() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "mixed_recipients = \"defer\"", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    let r = c.expect("RCPT TO:<bob@example.com>", "452").await;
+    assert!(r.contains("4.5.3"), "{r}");
+    c.expect("DATA", "354").await;
+    c.expect("Subject: x\r\n\r\nhi\r\n.", "250").await;
+    assert_eq!(new.wait_for(1).await.len(), 1);
+    assert!(old.messages().is_empty());
+}
+
+#[tokio::test]
+async fn bdat_is_translated_to_data() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(ehlo.contains("CHUNKING"), "{ehlo}");
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    let part1 = b"Subject: chunks\r\n\r\n.leading dot\r\n";
+    c.send(format!("BDAT {}\r\n", part1.len()).as_bytes()).await;
+    c.send(part1).await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250"), "{r}");
+    let part2 = b"last line";
+    c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes())
+        .await;
+    c.send(part2).await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250"), "{r}");
+    let m = old.wait_for(1).await;
+    let text = m[0].body_text();
+    // Dot-stuffed for DATA, CRLF added at the end.
+    assert!(
+        text.ends_with("Subject: chunks\r\n\r\n..leading dot\r\nlast line\r\n"),
+        "{text:?}"
+    );
+}
+
+#[tokio::test]
+async fn smuggling_attempts_never_reach_a_backend() {
+    let (old, new, p) = setup().await;
+    for fake_end in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r", "\r\n.\r"] {
+        let mut c = Client::connect(p.relay()).await;
+        c.expect("EHLO client.test", "250").await;
+        c.expect("MAIL FROM:<a@internet.example>", "250").await;
+        c.expect("RCPT TO:<bob@example.com>", "250").await;
+        c.expect("DATA", "354").await;
+        let payload = format!(
+            "Subject: innocent\r\n\r\nhello{fake_end}MAIL FROM:<ceo@example.com>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\nSubject: spoofed\r\n\r\nsend money\r\n.\r\n"
+        );
+        c.send(payload.as_bytes()).await;
+        let r = c.reply().await;
+        assert!(r.starts_with("554 5.6.0"), "{fake_end:?}: {r}");
+        // The session stays usable and in sync.
+        c.expect("RSET", "250").await;
+        c.expect("QUIT", "221").await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(old.messages().is_empty(), "{:?}", old.messages());
+    assert!(new.messages().is_empty(), "{:?}", new.messages());
+}
+
+#[tokio::test]
+async fn bare_lf_in_bdat_is_refused_too() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    let body = b"Subject: x\n\n.\nMAIL FROM:<x@y>\n";
+    c.send(format!("BDAT {} LAST\r\n", body.len()).as_bytes())
+        .await;
+    c.send(body).await;
+    let r = c.reply().await;
+    assert!(r.starts_with("554 5.6.0"), "{r}");
+    c.expect("NOOP", "250").await;
+    assert!(old.messages().is_empty());
+}
+
+#[tokio::test]
+async fn loop_guard_and_limits() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    let mut msg = String::new();
+    for i in 0..51 {
+        let _ = write!(msg, "Received: from hop{i} by hop{}\r\n", i + 1);
+    }
+    msg.push_str("Subject: loop\r\n\r\nbody\r\n.");
+    let r = c.cmd(&msg).await;
+    assert!(r.starts_with("554 5.4.6"), "{r}");
+    // Command line too long, bare LF in a command.
+    let r = c.cmd(&format!("NOOP {}", "x".repeat(2000))).await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    c.send(b"NOOP\n").await;
+    let r = c.reply().await;
+    assert!(r.starts_with("500 5.5.2"), "{r}");
+    // MAIL with a SIZE over the limit.
+    let r = c.cmd("MAIL FROM:<a@b.example> SIZE=999999999999").await;
+    assert!(r.starts_with("552"), "{r}");
+    assert!(old.messages().is_empty());
+}
+
+#[tokio::test]
+async fn starttls_discards_pipelined_plaintext() {
+    let (old, _new, p) = setup().await;
+    let s = tokio::net::TcpStream::connect(p.relay()).await.unwrap();
+    let mut c = support::Client {
+        io: tokio::io::BufReader::new(s),
+    };
+    c.reply().await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(ehlo.contains("STARTTLS"));
+    // The injected MAIL/RCPT must not be executed inside the TLS session.
+    c.send(b"STARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<bob@example.com>\r\n")
+        .await;
+    let r = c.reply().await;
+    assert!(r.starts_with("220"), "{r}");
+    let stream = c.io.into_inner();
+    let connector = tokio_rustls::TlsConnector::from(insecure_client());
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), stream)
+        .await
+        .unwrap();
+    let mut c = support::Client {
+        io: tokio::io::BufReader::new(tls),
+    };
+    // Had the injected MAIL run, this would be "503 nested MAIL".
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: tls\r\n\r\nhi\r\n.", "250").await;
+    let m = old.wait_for(1).await;
+    assert_eq!(m.len(), 1);
+    assert!(m[0].body_text().contains("with ESMTPS"));
+}
+
+#[tokio::test]
+async fn backend_starttls_response_injection_is_discarded() {
+    let cert = TestCert::new();
+    let old = Backend::start(Behaviour {
+        starttls: Some(cert.acceptor()),
+        inject_after_starttls: Some("250 2.1.0 injected\r\n".into()),
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    relay_client(&p)
+        .send(message(&["bob@example.com"], "over tls"))
+        .await
+        .unwrap();
+    let m = old.wait_for(1).await;
+    assert_eq!(m.len(), 1);
+    assert!(m[0].tls, "the proxy used STARTTLS towards the backend");
+    // Had the injected reply been read as the answer to EHLO or MAIL, the replies would
+    // have been off by one and the transaction would have failed.
+    assert_eq!(m[0].rcpts, ["bob@example.com"]);
+}
+
+#[tokio::test]
+async fn connections_to_backends_are_reused() {
+    let (old, _new, p) = setup().await;
+    let smtp = relay_client(&p);
+    for i in 0..5 {
+        smtp.send(message(&["bob@example.com"], &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(old.wait_for(5).await.len(), 5);
+    // One connection from the start-up probe, one for all five messages.
+    let conns = *old.connections.lock().unwrap();
+    assert!(conns <= 2, "{conns} backend connections for 5 messages");
+}
+
+#[tokio::test]
+async fn submission_routes_the_session_by_login() {
+    let cert = TestCert::new();
+    let users = HashMap::from([
+        ("alice@corp.example.com".to_string(), "pw-a".to_string()),
+        ("EXAMPLE\\bob".to_string(), "pw-b".to_string()),
+    ]);
+    let old = Backend::start(Behaviour {
+        starttls: Some(cert.acceptor()),
+        users: users.clone(),
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour {
+        starttls: Some(cert.acceptor()),
+        users,
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "smtp_tls = \"required\"").await;
+    let port = p.addr(coexist::config::ListenerMode::Submission).port();
+
+    // No AUTH before TLS: the plain EHLO does not offer it and MAIL is refused.
+    let mut c = Client::connect(p.addr(coexist::config::ListenerMode::Submission)).await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(!ehlo.contains("AUTH"), "{ehlo}");
+    c.expect(
+        &format!("AUTH PLAIN {}", base64(b"\0alice@corp.example.com\0pw-a")),
+        "530",
+    )
+    .await;
+    c.expect("MAIL FROM:<alice@example.com>", "530").await;
+
+    let tls = TlsParameters::builder("localhost".into())
+        .dangerous_accept_invalid_certs(true)
+        .build_rustls()
+        .unwrap();
+    let client = |user: &str, pw: &str| {
+        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous("127.0.0.1")
+            .port(port)
+            .tls(Tls::Required(tls.clone()))
+            .credentials(Credentials::new(user.into(), pw.into()))
+            .build()
+    };
+    // alice (site paris → new) sends to an outside address: her own server relays it.
+    client("alice@corp.example.com", "pw-a")
+        .send(message(&["friend@elsewhere.example"], "from alice"))
+        .await
+        .unwrap();
+    client("EXAMPLE\\bob", "pw-b")
+        .send(message(&["alice@example.com"], "from bob"))
+        .await
+        .unwrap();
+    let wrong = client("EXAMPLE\\bob", "nope")
+        .send(message(&["alice@example.com"], "bad password"))
+        .await;
+    assert!(wrong.is_err());
+    let n = new.wait_for(1).await;
+    let o = old.wait_for(1).await;
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].auth.as_deref(), Some("alice@corp.example.com"));
+    assert_eq!(n[0].rcpts, ["friend@elsewhere.example"]);
+    assert!(n[0].tls);
+    assert_eq!(o.len(), 1);
+    assert_eq!(o[0].auth.as_deref(), Some("EXAMPLE\\bob"));
+}
+
+fn insecure_client() -> std::sync::Arc<rustls::ClientConfig> {
+    coexist::tls::client_config(false, None).unwrap()
+}
