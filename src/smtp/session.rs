@@ -1293,8 +1293,9 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
+        // Checked against `date -u -d @1796000000`.
         let t = UNIX_EPOCH + Duration::from_secs(1_796_000_000);
-        assert_eq!(rfc5322_date(t), "Sun, 29 Nov 2026 07:33:20 +0000");
+        assert_eq!(rfc5322_date(t), "Mon, 30 Nov 2026 00:53:20 +0000");
     }
 
     #[test]
