@@ -468,6 +468,22 @@ impl BackendConn {
         self.read_reply().await
     }
 
+    /// Sends several commands in one write and reads their replies in order (RFC 2920).
+    pub async fn pipeline(&mut self, lines: &[&str]) -> Result<Vec<Reply>, BackendError> {
+        for l in lines {
+            self.io.queue(l.as_bytes());
+        }
+        if let Err(e) = self.io.flush(self.timeout).await {
+            self.broken = true;
+            return Err(self.err(e));
+        }
+        let mut out = Vec::with_capacity(lines.len());
+        for _ in lines {
+            out.push(self.read_reply().await?);
+        }
+        Ok(out)
+    }
+
     async fn ehlo(&mut self, hostname: &str) -> Result<(), BackendError> {
         let r = self.command(&format!("EHLO {hostname}\r\n")).await?;
         if r.code == 250 {

@@ -464,40 +464,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&codes::deferred_other_target());
             return;
         }
-        let idx = match txn
+        let existing = txn
             .parts
             .iter()
-            .position(|p| Arc::ptr_eq(&p.target, &target))
-        {
-            Some(i) => i,
-            None => {
-                let part = self.open_part(Arc::clone(&target)).await;
-                let txn = self.txn.as_mut().expect("checked above");
-                txn.parts.push(part);
-                txn.parts.len() - 1
-            }
+            .position(|p| Arc::ptr_eq(&p.target, &target));
+        let (idx, reply) = if let Some(idx) = existing {
+            let txn = self.txn.as_mut().expect("checked above");
+            let part = &mut txn.parts[idx];
+            let reply = if let Some(r) = &part.failed {
+                r.clone()
+            } else if let Some(conn) = part.conn.as_mut() {
+                let line = rcpt_line(&to, conn.caps.dsn);
+                match conn.command(&line).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, target = %target.name, "backend failed at RCPT");
+                        part.fail(codes::target_unavailable());
+                        codes::target_unavailable()
+                    }
+                }
+            } else {
+                codes::target_unavailable()
+            };
+            (idx, reply)
+        } else {
+            let (part, reply) = self.open_part(Arc::clone(&target), &to).await;
+            let txn = self.txn.as_mut().expect("checked above");
+            txn.parts.push(part);
+            (txn.parts.len() - 1, reply)
         };
         let txn = self.txn.as_mut().expect("checked above");
         let part = &mut txn.parts[idx];
-        if let Some(r) = &part.failed {
-            let r = r.clone();
-            count_rcpt(&target.name, &site, "failed");
-            self.reply(&r);
-            return;
-        }
-        let Some(conn) = part.conn.as_mut() else {
-            self.reply(&codes::target_unavailable());
-            return;
-        };
-        let line = rcpt_line(&to, conn.caps.dsn);
-        let reply = match conn.command(&line).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, target = %target.name, "backend failed at RCPT");
-                part.fail(codes::target_unavailable());
-                codes::target_unavailable()
-            }
-        };
         if reply.is_positive() {
             part.accepted.push(to.address.clone());
         }
@@ -517,9 +514,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&reply);
     }
 
-    /// Opens the backend transaction for `target`: a connection (pooled, or the pinned
-    /// submission one) and MAIL FROM.
-    async fn open_part(&mut self, target: Arc<Target>) -> Part {
+    /// Opens the backend transaction for `target` with its first recipient: a connection
+    /// (pooled, or the pinned submission one), MAIL FROM and RCPT TO — in one round trip
+    /// when the server supports PIPELINING. Returns the part and the reply to that RCPT.
+    async fn open_part(&mut self, target: Arc<Target>, to: &RcptTo<String>) -> (Part, Reply) {
         let mut part = Part {
             target: Arc::clone(&target),
             conn: None,
@@ -533,18 +531,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             part.pinned = true;
             let Some(mut conn) = auth.conn.take() else {
                 part.failed = Some(codes::target_unavailable());
-                return part;
+                return (part, codes::target_unavailable());
             };
-            match mail_line(from, &conn.caps) {
-                Err(r) => part.failed = Some(r),
-                Ok(line) => match conn.command(&line).await {
-                    Ok(r) if r.is_positive() => {}
-                    Ok(r) => part.failed = Some(r),
-                    Err(_) => part.failed = Some(codes::target_unavailable()),
+            let reply = match mail_line(from, &conn.caps) {
+                Err(r) => {
+                    part.failed = Some(r.clone());
+                    r
+                }
+                Ok(line) => match mail_and_rcpt(&mut conn, &line, to).await {
+                    Ok((m, _)) if !m.is_positive() => {
+                        part.failed = Some(m.clone());
+                        m
+                    }
+                    Ok((_, r)) => r,
+                    Err(_) => {
+                        part.failed = Some(codes::target_unavailable());
+                        codes::target_unavailable()
+                    }
                 },
-            }
+            };
             part.conn = Some(conn);
-            return part;
+            return (part, reply);
         }
         // A pooled connection may have been closed by the server while idle: one retry on
         // a fresh connection.
@@ -559,29 +566,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(e) => {
                     tracing::warn!(target = %target.name, error = %e, "target unreachable");
                     part.failed = Some(codes::target_unavailable());
-                    return part;
+                    return (part, codes::target_unavailable());
                 }
             };
             let line = match mail_line(from, &conn.caps) {
                 Ok(l) => l,
                 Err(r) => {
                     self.ctx.backends.release(conn);
-                    part.failed = Some(r);
-                    return part;
+                    part.failed = Some(r.clone());
+                    return (part, r);
                 }
             };
-            match conn.command(&line).await {
-                Ok(r) if r.is_positive() => {
-                    part.conn = Some(conn);
-                    return part;
-                }
-                Ok(r) => {
+            match mail_and_rcpt(&mut conn, &line, to).await {
+                Ok((m, _)) if !m.is_positive() => {
                     // The server refused the sender; the connection itself is fine.
                     if conn.rset().await {
                         self.ctx.backends.release(conn);
                     }
-                    part.failed = Some(r);
-                    return part;
+                    part.failed = Some(m.clone());
+                    return (part, m);
+                }
+                Ok((_, r)) => {
+                    part.conn = Some(conn);
+                    return (part, r);
                 }
                 Err(e) if conn.reused && attempt == 0 => {
                     tracing::debug!(error = %e, "pooled backend connection was stale");
@@ -589,12 +596,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(e) => {
                     tracing::warn!(target = %target.name, error = %e, "backend failed at MAIL");
                     part.failed = Some(codes::target_unavailable());
-                    return part;
+                    return (part, codes::target_unavailable());
                 }
             }
         }
         part.failed = Some(codes::target_unavailable());
-        part
+        (part, codes::target_unavailable())
     }
 
     /// Sends DATA to every part with recipients; `Err` carries the reply for the client
@@ -1150,6 +1157,29 @@ fn count_rcpt(target: &str, site: &str, result: &'static str) {
         "result" => result
     )
     .increment(1);
+}
+
+/// MAIL FROM and the first RCPT TO: pipelined (RFC 2920) when the server allows it, else
+/// MAIL alone first. Returns the MAIL reply and the RCPT reply (a 503 stand-in when MAIL
+/// failed, as the client must not see the backend's reply to a RCPT without a sender).
+async fn mail_and_rcpt(
+    conn: &mut BackendConn,
+    mail: &str,
+    to: &RcptTo<String>,
+) -> Result<(Reply, Reply), BackendError> {
+    let rcpt = rcpt_line(to, conn.caps.dsn);
+    if conn.caps.pipelining {
+        let mut r = conn.pipeline(&[mail, &rcpt]).await?;
+        let rcpt_reply = r.pop().unwrap_or_else(codes::local_error);
+        let mail_reply = r.pop().unwrap_or_else(codes::local_error);
+        return Ok((mail_reply, rcpt_reply));
+    }
+    let m = conn.command(mail).await?;
+    if !m.is_positive() {
+        return Ok((m.clone(), m));
+    }
+    let r = conn.command(&rcpt).await?;
+    Ok((m, r))
 }
 
 /// One reply for several failed parts: a temporary failure wins (the client retries).
