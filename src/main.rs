@@ -137,15 +137,22 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
     // Benchmarks compare equal worker counts with nginx/HAProxy.
-    if let Some(n) = std::env::var("COEXIST_WORKER_THREADS")
+    let workers = std::env::var("COEXIST_WORKER_THREADS")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        b.worker_threads(n);
-    }
+        .filter(|n| *n > 0);
+    let mut b = if workers == Some(1) {
+        // One worker: the single-threaded scheduler does the same without cross-thread
+        // synchronisation.
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = workers {
+            b.worker_threads(n);
+        }
+        b
+    };
     Ok(b.enable_all().build()?)
 }
 

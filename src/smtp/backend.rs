@@ -458,6 +458,15 @@ impl BackendConn {
         }
     }
 
+    /// Sends one command line without waiting for its reply.
+    pub async fn send(&mut self, line: &str) -> Result<(), BackendError> {
+        if let Err(e) = self.io.write_now(line.as_bytes(), self.timeout).await {
+            self.broken = true;
+            return Err(self.err(e));
+        }
+        Ok(())
+    }
+
     /// Sends one command line (CRLF included) and reads its reply.
     pub async fn command(&mut self, line: &str) -> Result<Reply, BackendError> {
         debug_assert!(line.ends_with("\r\n") && !line[..line.len() - 2].contains(['\r', '\n']));

@@ -163,7 +163,20 @@ impl DataScanner {
     /// (what follows is the client's next command, pipelined).
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         debug_assert_eq!(self.mode, Mode::Dot);
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while i < input.len() {
+            if self.plain_state() {
+                // Fast path: the bytes up to the next CR or LF decide nothing about the end
+                // of data, so they are checked and forwarded as one run.
+                let end = memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |j| i + j);
+                if end > i {
+                    self.plain_run(&input[i..end], out);
+                    i = end;
+                    continue;
+                }
+            }
+            let b = input[i];
+            i += 1;
             // End of data: CRLF "." CRLF, the first CRLF possibly the primed one.
             if b == b'\n' && self.tail[1..] == *b"\r\n.\r" {
                 // The held `.` and `\r` are the terminator, not content; the size counted
@@ -171,12 +184,52 @@ impl DataScanner {
                 self.size = self.size.saturating_sub(2);
                 self.n_held = 0;
                 self.done = true;
-                return Some(i + 1);
+                return Some(i);
             }
             self.check(b);
             self.emit(b, out);
         }
         None
+    }
+
+    /// True when the last byte seen is ordinary text (not CR, LF, or a dot that starts a
+    /// line): then no terminator or bare CR is pending and held bytes are decided.
+    fn plain_state(&self) -> bool {
+        let last = self.tail[4];
+        last != b'\r' && last != b'\n' && !(last == b'.' && self.tail[3] == b'\n')
+    }
+
+    /// A run of bytes without CR or LF, after ordinary text: the same bookkeeping as
+    /// [`Self::check`] byte by byte, done for the whole run.
+    fn plain_run(&mut self, run: &[u8], out: &mut Vec<u8>) {
+        let n = run.len();
+        self.size += n;
+        if self.size > self.limits.max_size {
+            self.violate(Violation::TooBig);
+        }
+        if self.in_headers && self.hdr_len < RECEIVED.len() && self.line_len == self.hdr_len {
+            let k = (RECEIVED.len() - self.hdr_len).min(n);
+            self.hdr[self.hdr_len..self.hdr_len + k].copy_from_slice(&run[..k]);
+            self.hdr_len += k;
+            if self.hdr_len == RECEIVED.len() && self.hdr.eq_ignore_ascii_case(RECEIVED) {
+                self.received += 1;
+                if self.received > self.limits.max_received {
+                    self.violate(Violation::Loop);
+                }
+            }
+        }
+        self.line_len += n;
+        if self.line_len > self.limits.max_line {
+            self.violate(Violation::LineTooLong);
+        }
+        if self.violation.is_none() {
+            out.extend_from_slice(&self.held[..self.n_held]);
+            out.extend_from_slice(run);
+            self.n_held = 0;
+        }
+        let k = n.min(5);
+        self.tail.copy_within(k.., 0);
+        self.tail[5 - k..].copy_from_slice(&run[n - k..]);
     }
 
     /// BDAT mode: scans one chunk's bytes, dot-stuffing them into `out`.
@@ -262,6 +315,63 @@ mod tests {
             assert_eq!(end, Some(msg.len() - 6));
             assert_eq!(out, b"Subject: hi\r\n\r\nbody\r\n..stuffed\r\n");
             assert_eq!(v, None);
+        }
+    }
+
+    #[test]
+    fn fast_path_agrees_with_bytewise() {
+        for hops in [10, 60] {
+            let mut msg = Vec::new();
+            for i in 0..hops {
+                let long = "y".repeat(i * 7);
+                msg.extend_from_slice(format!("Received: hop {i}\r\nX-Long: {long}\r\n").as_bytes());
+            }
+            msg.extend_from_slice(b"\r\n.dot\r\n..two\r\nplain text\r\n.\r\nNEXT");
+            let (a_end, a_out, a_v) = scan(&msg);
+            let (b_end, b_out, b_v) = scan_bytewise(&msg);
+            assert_eq!((a_end, a_v), (b_end, b_v), "{hops} hops");
+            if a_v.is_none() {
+                assert!(a_out == b_out, "outputs differ for {hops} hops");
+                assert_eq!(a_out.len(), msg.len() - ".\r\nNEXT".len());
+            } else {
+                // Refused: how much was forwarded before the refusal may differ (it is cut
+                // off either way), but neither forwarded the end of the message.
+                assert!(!a_out.ends_with(b"plain text\r\n") && !b_out.ends_with(b"plain text\r\n"));
+            }
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        // Any mix of text, dots, CRs and LFs: the fast path decides exactly like the
+        // byte-by-byte path, and what it forwards never holds a bare CR or LF.
+        #[test]
+        fn fast_path_is_exact(parts in proptest::collection::vec(
+            prop_oneof![
+                Just(b"\r\n".to_vec()),
+                Just(b"\r".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b".".to_vec()),
+                Just(b"Received: x".to_vec()),
+                "[a-z ]{1,20}".prop_map(String::into_bytes),
+            ], 0..60)) {
+            let mut msg: Vec<u8> = parts.concat();
+            msg.extend_from_slice(b"\r\n.\r\n");
+            let (a_end, a_out, a_v) = scan(&msg);
+            let (b_end, b_out, b_v) = scan_bytewise(&msg);
+            prop_assert_eq!((a_end, a_v), (b_end, b_v));
+            if a_v.is_none() {
+                prop_assert!(a_out == b_out);
+            }
+            for (i, &c) in a_out.iter().enumerate() {
+                if c == b'\n' {
+                    prop_assert!(i > 0 && a_out[i - 1] == b'\r');
+                }
+                if c == b'\r' {
+                    prop_assert!(a_out.get(i + 1) == Some(&b'\n'));
+                }
+            }
         }
     }
 

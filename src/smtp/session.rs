@@ -604,18 +604,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         (part, codes::target_unavailable())
     }
 
-    /// Sends DATA to every part with recipients; `Err` carries the reply for the client
-    /// when no part is ready to take the message.
+    /// Sends DATA to every part with recipients and waits for their 354s; `Err` carries
+    /// the reply for the client when no part is ready to take the message.
     async fn start_backend_data(&mut self) -> Result<(), Reply> {
+        self.send_data_commands().await?;
+        if self.await_data_replies().await {
+            return Ok(());
+        }
+        let txn = self.txn.as_ref().expect("checked by send_data_commands");
+        Err(combine_failures(
+            txn.parts.iter().filter_map(|p| p.failed.as_ref()),
+        ))
+    }
+
+    /// Writes DATA to every part with recipients, without waiting for the replies.
+    async fn send_data_commands(&mut self) -> Result<(), Reply> {
         let Some(txn) = self.txn.as_mut() else {
             return Err(codes::bad_sequence("need MAIL and RCPT first"));
         };
         if !txn.parts.iter().any(|p| !p.accepted.is_empty()) {
             return Err(codes::no_valid_recipients());
         }
+        let sent = join_all(txn.parts.iter_mut().filter(|p| p.live()).map(|p| async {
+            let conn = p.conn.as_mut().expect("live part has a connection");
+            let r = conn.send("DATA\r\n").await;
+            (p, r)
+        }))
+        .await;
+        for (p, r) in sent {
+            if r.is_err() {
+                p.fail(codes::target_unavailable());
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the replies to DATA; parts without a 354 fail. True when any part is ready.
+    async fn await_data_replies(&mut self) -> bool {
+        let Some(txn) = self.txn.as_mut() else {
+            return false;
+        };
         let replies = join_all(txn.parts.iter_mut().filter(|p| p.live()).map(|p| async {
             let conn = p.conn.as_mut().expect("live part has a connection");
-            let r = conn.command("DATA\r\n").await;
+            let r = conn.read_reply().await;
             (p, r)
         }))
         .await;
@@ -626,12 +657,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(_) => p.fail(codes::target_unavailable()),
             }
         }
-        if txn.parts.iter().any(Part::live) {
-            return Ok(());
-        }
-        Err(combine_failures(
-            txn.parts.iter().filter_map(|p| p.failed.as_ref()),
-        ))
+        txn.parts.iter().any(Part::live)
     }
 
     fn received_header(&self) -> Vec<u8> {
@@ -674,15 +700,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&codes::bdat_no_data());
             return Ok(());
         }
-        if let Err(r) = self.start_backend_data().await {
+        if let Err(r) = self.send_data_commands().await {
             self.reply(&r);
             if self.txn.is_some() {
                 self.end_txn().await;
             }
             return Ok(());
         }
+        // The client's 354 does not wait for the backends' 354s: their round trips overlap.
+        // A backend that then refuses DATA fails its part, and the final reply says so.
         self.reply(&codes::start_data());
         self.flush().await?;
+        self.await_data_replies().await;
         let mut scanner = DataScanner::new(Mode::Dot, self.data_limits());
         let mut out = Vec::with_capacity(64 * 1024);
         if self.ctx.add_received {
