@@ -29,6 +29,13 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run the proxy with built-in demo OLD and NEW mail servers and the sample tables.
+    Demo {
+        /// Use this config instead of the built-in samples (its targets' SMTP addresses
+        /// become demo servers).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
     /// Validate the config and routing table; print a summary.
     Check {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
@@ -108,6 +115,10 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
+        Command::Demo { config } => runtime().and_then(|rt| {
+            rt.block_on(coexist::demo::run(config.as_deref()))
+                .map_err(anyhow::Error::from)
+        }),
         Command::Check { config, json } => check(&config, json),
         Command::Lookup {
             config,

@@ -184,3 +184,59 @@ fn routes_diff_shows_a_site_move() {
     assert!(stdout(&o).contains("no routing changes"));
     assert!(Path::new("config/routes.toml").exists());
 }
+
+#[test]
+fn demo_routes_its_tour_to_both_sides() {
+    use std::io::{BufRead, BufReader};
+    // The demo binds the sample config's fixed loopback ports (2525, 2601, 2602).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coexist"))
+        .arg("demo")
+        .current_dir(std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let done = line.starts_with("Deliveries are printed below");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        let _ = tx.send(lines);
+    });
+    let lines = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = lines.join("\n");
+    assert!(
+        out.contains("[NEW server] delivered from <tour@internet.example> to <alice@example.com>"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "[OLD server] delivered from <tour@internet.example> to <c.jones@example.com>"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "[NEW server] delivered from <tour@internet.example> to <alice.smith@example.com>"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("[OLD server] delivered from <tour@internet.example> to <dave@example.com>"),
+        "{out}"
+    );
+    assert!(
+        out.contains("→ 250 2.0.0 Message accepted for delivery"),
+        "{out}"
+    );
+}

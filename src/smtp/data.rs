@@ -324,7 +324,9 @@ mod tests {
             let mut msg = Vec::new();
             for i in 0..hops {
                 let long = "y".repeat(i * 7);
-                msg.extend_from_slice(format!("Received: hop {i}\r\nX-Long: {long}\r\n").as_bytes());
+                msg.extend_from_slice(
+                    format!("Received: hop {i}\r\nX-Long: {long}\r\n").as_bytes(),
+                );
             }
             msg.extend_from_slice(b"\r\n.dot\r\n..two\r\nplain text\r\n.\r\nNEXT");
             let (a_end, a_out, a_v) = scan(&msg);

@@ -1,0 +1,313 @@
+//! `coexist demo`: the proxy with built-in OLD and NEW demo mail servers on loopback and the
+//! sample tables, plus a short scripted tour, so a new user sees per-recipient routing work
+//! before writing any config.
+//!
+//! The demo servers are small SMTP sinks: they accept everything for any recipient, print one
+//! line per delivered message, and keep nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::app::{AppError, Running};
+use crate::config::{Config, ListenerMode};
+use crate::route::Diagnostics;
+use crate::smtp::data::{DataScanner, Limits, Mode};
+use crate::smtp::io::{Conn, Line, LineIo};
+
+/// The sample files, built into the binary so `coexist demo` works from anywhere.
+const SAMPLE_CONFIG: &str = include_str!("../config/coexist.toml");
+const SAMPLE_ROUTES: &str = include_str!("../config/routes.toml");
+const SAMPLE_CSV: &str = include_str!("../config/mailboxes.csv");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("writing the sample config to {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    #[error("sample config:\n{0}")]
+    Config(Diagnostics),
+    #[error(
+        "demo server for target {target} cannot listen on {addr}: {source} (is a demo already running?)"
+    )]
+    Bind {
+        target: String,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    App(#[from] AppError),
+}
+
+/// Writes the embedded samples to a fresh directory (removed when the demo ends) and
+/// loads them.
+fn sample_config(dir: &Path) -> Result<Config, DemoError> {
+    let dir = dir.to_path_buf();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| DemoError::Write(p, e))
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Write(dir.clone(), e))?;
+    write("coexist.toml", SAMPLE_CONFIG)?;
+    write("routes.toml", SAMPLE_ROUTES)?;
+    write("mailboxes.csv", SAMPLE_CSV)?;
+    Config::load(&dir.join("coexist.toml")).map_err(DemoError::Config)
+}
+
+/// Runs the demo until Ctrl-C / SIGTERM. `config` overrides the embedded samples.
+pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
+    let samples = std::env::temp_dir().join(format!("coexist-demo-{}", std::process::id()));
+    let result = demo(config, &samples).await;
+    if config.is_none() {
+        let _ = std::fs::remove_dir_all(&samples);
+    }
+    result
+}
+
+async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
+    let config = match config {
+        Some(p) => Config::load(p).map_err(DemoError::Config)?,
+        None => sample_config(samples)?,
+    };
+    let routes_path = config.routes.path.clone();
+    for t in &config.targets {
+        for addr in &t.smtp {
+            let listener =
+                TcpListener::bind(addr.as_str())
+                    .await
+                    .map_err(|source| DemoError::Bind {
+                        target: t.name.clone(),
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            tokio::spawn(demo_server(listener, t.name.to_uppercase()));
+        }
+    }
+    let running = Running::start(config).await?;
+    let table = running.router.snapshot();
+    let relay = running
+        .smtp_addrs
+        .iter()
+        .find(|(m, _)| *m == ListenerMode::Relay)
+        .map(|(_, a)| *a);
+    println!("coexist demo — the proxy and two demo mail servers are running on loopback.");
+    println!(
+        "  routing table  {} (version {}, {} mailboxes)",
+        routes_path.display(),
+        table.version(),
+        table.mailbox_count()
+    );
+    for t in &running.backends.targets {
+        for s in &t.servers {
+            println!("  target {:<7} {} (demo mail server)", t.name, s.addr);
+        }
+    }
+    for (mode, addr) in &running.smtp_addrs {
+        let mode = format!("{mode:?}").to_lowercase();
+        println!("  SMTP {mode} listener on {addr}");
+    }
+    drop(table);
+    if let Some(relay) = relay {
+        println!("\nA short tour — three messages sent through the proxy:");
+        tour(relay).await;
+        println!("\nTry it yourself (swaks is in Debian's swaks package):");
+        let r = format!("--server {relay} --from you@internet.example");
+        println!("  swaks {r} --to alice@example.com                  # site paris → NEW");
+        println!("  swaks {r} --to carol@example.com                  # site berlin → OLD");
+        println!("  swaks {r} --to bob@example.com                    # pilot user → NEW");
+        println!("  swaks {r} --to alice@example.com,dave@example.com # one copy to each side");
+        println!("  swaks {r} --to someone@gmail.com                  # 550 5.7.1 relaying denied");
+        println!(
+            "  coexist lookup -c {} Alice.Smith@example.com 'EXAMPLE\\dave'",
+            routes_path.with_file_name("coexist.toml").display()
+        );
+    }
+    println!("\nDeliveries are printed below. Ctrl-C stops the demo.");
+    wait_for_stop().await;
+    running.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Sends the tour's messages and prints each reply.
+async fn tour(relay: SocketAddr) {
+    let sends: [(&str, &[&str]); 3] = [
+        ("Hello Alice (site paris, on NEW)", &["alice@example.com"]),
+        (
+            "Hello Carol (site berlin, on OLD)",
+            &["c.jones@example.com"],
+        ),
+        (
+            "Hello both (one copy each side)",
+            &["alice.smith@example.com", "dave@example.com"],
+        ),
+    ];
+    for (subject, to) in sends {
+        match send(relay, subject, to).await {
+            Ok(reply) => println!("  sent {subject:?} to {} → {reply}", to.join(", ")),
+            Err(e) => println!("  sending {subject:?} failed: {e}"),
+        }
+        // Let the demo servers print their delivery line before the next send.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn send(relay: SocketAddr, subject: &str, to: &[&str]) -> std::io::Result<String> {
+    let stream = TcpStream::connect(relay).await?;
+    let mut io = LineIo::new(Conn::Plain(stream));
+    let t = Duration::from_secs(10);
+    let mut last = String::new();
+    read_reply(&mut io, t).await?;
+    let mut commands = vec![
+        "EHLO demo.client".to_string(),
+        "MAIL FROM:<tour@internet.example>".into(),
+    ];
+    commands.extend(to.iter().map(|a| format!("RCPT TO:<{a}>")));
+    commands.push("DATA".into());
+    for c in commands {
+        io.queue(format!("{c}\r\n").as_bytes());
+        io.flush(t).await.map_err(std::io::Error::other)?;
+        last = read_reply(&mut io, t).await?;
+        if !(last.starts_with('2') || last.starts_with('3')) {
+            return Ok(last);
+        }
+    }
+    let msg = format!(
+        "From: tour@internet.example\r\nTo: {}\r\nSubject: {subject}\r\n\r\nSent by coexist demo.\r\n.\r\nQUIT\r\n",
+        to.join(", ")
+    );
+    io.queue(msg.as_bytes());
+    io.flush(t).await.map_err(std::io::Error::other)?;
+    let reply = read_reply(&mut io, t).await.unwrap_or(last);
+    Ok(reply)
+}
+
+async fn read_reply(io: &mut LineIo<TcpStream>, t: Duration) -> std::io::Result<String> {
+    loop {
+        match io.read_line(4096, t).await.map_err(std::io::Error::other)? {
+            Line::Ok(l) => {
+                let s = String::from_utf8_lossy(&l).trim_end().to_string();
+                if s.as_bytes().get(3) != Some(&b'-') {
+                    return Ok(s);
+                }
+            }
+            _ => return Err(std::io::Error::other("bad reply line")),
+        }
+    }
+}
+
+/// A demo mail server: accepts any message and prints who it was for.
+async fn demo_server(listener: TcpListener, name: String) {
+    let name = Arc::new(name);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let name = Arc::clone(&name);
+        tokio::spawn(async move {
+            let _ = demo_session(stream, &name).await;
+        });
+    }
+}
+
+async fn demo_session(stream: TcpStream, name: &str) -> std::io::Result<()> {
+    let t = Duration::from_secs(300);
+    let mut io = LineIo::new(Conn::Plain(stream));
+    let err = std::io::Error::other;
+    io.write_now(
+        format!("220 demo-{} ESMTP\r\n", name.to_lowercase()).as_bytes(),
+        t,
+    )
+    .await
+    .map_err(err)?;
+    let (mut from, mut rcpts) = (String::new(), Vec::<String>::new());
+    loop {
+        let line = match io.read_line(4096, t).await.map_err(err)? {
+            Line::Ok(l) => String::from_utf8_lossy(&l).trim_end().to_string(),
+            _ => {
+                io.write_now(b"500 5.5.2 bad line\r\n", t)
+                    .await
+                    .map_err(err)?;
+                continue;
+            }
+        };
+        let upper = line.to_ascii_uppercase();
+        let reply = if upper.starts_with("EHLO") {
+            "250-demo\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE 52428800\r\n250 ENHANCEDSTATUSCODES\r\n".to_string()
+        } else if upper.starts_with("HELO") || upper == "NOOP" {
+            "250 2.0.0 OK\r\n".into()
+        } else if upper.starts_with("MAIL FROM:") {
+            from = line[10..]
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            rcpts.clear();
+            "250 2.1.0 OK\r\n".into()
+        } else if upper.starts_with("RCPT TO:") {
+            rcpts.push(
+                line[8..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+            "250 2.1.5 OK\r\n".into()
+        } else if upper == "DATA" {
+            io.write_now(b"354 go ahead\r\n", t).await.map_err(err)?;
+            let mut scanner = DataScanner::new(
+                Mode::Dot,
+                Limits {
+                    max_size: 64 << 20,
+                    max_line: 1 << 20,
+                    max_received: usize::MAX,
+                },
+            );
+            let mut body = Vec::new();
+            loop {
+                let end = scanner.feed(io.buffered(), &mut body);
+                let n = end.unwrap_or(io.buffered().len());
+                io.consume(n);
+                if end.is_some() {
+                    break;
+                }
+                io.fill(t).await.map_err(err)?;
+            }
+            let subject = String::from_utf8_lossy(&body)
+                .lines()
+                .take_while(|l| !l.is_empty())
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
+                .unwrap_or_default();
+            println!(
+                "  [{name} server] delivered from {from} to {} — {subject:?} ({} bytes)",
+                rcpts.join(" "),
+                body.len()
+            );
+            "250 2.0.0 OK delivered\r\n".into()
+        } else if upper == "RSET" {
+            rcpts.clear();
+            "250 2.0.0 OK\r\n".into()
+        } else if upper == "QUIT" {
+            io.write_now(b"221 2.0.0 bye\r\n", t).await.map_err(err)?;
+            return Ok(());
+        } else {
+            "502 5.5.1 not implemented\r\n".into()
+        };
+        io.write_now(reply.as_bytes(), t).await.map_err(err)?;
+    }
+}
