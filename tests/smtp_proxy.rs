@@ -410,3 +410,90 @@ async fn submission_routes_the_session_by_login() {
 fn insecure_client() -> std::sync::Arc<rustls::ClientConfig> {
     coexist::tls::client_config(false, None).unwrap()
 }
+
+#[tokio::test]
+async fn smtputf8_is_offered_only_when_every_target_has_it() {
+    // Both sides speak SMTPUTF8: it is offered and a UTF-8 address routes to its owner.
+    let utf8 = Behaviour {
+        smtputf8: true,
+        ..Behaviour::default()
+    };
+    let old = Backend::start(utf8.clone()).await;
+    let new = Backend::start(utf8).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(ehlo.contains("SMTPUTF8"), "{ehlo}");
+    c.expect("MAIL FROM:<jürgen@internet.example> SMTPUTF8", "250")
+        .await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: grüße\r\n\r\nhallo\r\n.", "250").await;
+    let m = old.wait_for(1).await;
+    assert_eq!(m[0].from, "<jürgen@internet.example> SMTPUTF8");
+    assert!(
+        old.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.contains("SMTPUTF8"))
+    );
+
+    // One side without it: not offered.
+    let plain = Backend::start(Behaviour::default()).await;
+    let utf8 = Backend::start(Behaviour {
+        smtputf8: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(plain.addr, utf8.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(!ehlo.contains("SMTPUTF8"), "{ehlo}");
+    assert!(ehlo.contains("8BITMIME"), "{ehlo}");
+}
+
+#[tokio::test]
+async fn connection_caps_and_greeting_delay_hold() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(
+        old.addr,
+        new.addr,
+        "max_connections_per_ip = 2\ngreeting_delay_ms = 300",
+        "",
+    )
+    .await;
+    // Talking before the greeting is refused.
+    let mut eager = tokio::net::TcpStream::connect(p.relay()).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut eager, b"EHLO spammer\r\n")
+        .await
+        .unwrap();
+    let mut c = support::Client {
+        io: tokio::io::BufReader::new(eager),
+    };
+    let r = c.reply().await;
+    assert!(r.starts_with("554 5.5.0"), "{r}");
+    // Two connections from one IP are served, the third is turned away.
+    let a = Client::connect(p.relay()).await;
+    let b = Client::connect(p.relay()).await;
+    let s = tokio::net::TcpStream::connect(p.relay()).await.unwrap();
+    let mut third = support::Client {
+        io: tokio::io::BufReader::new(s),
+    };
+    let r = third.reply().await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn idle_clients_time_out() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "command_timeout_secs = 1", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    // Say nothing: the proxy closes with 421 after the command timeout.
+    let r = c.reply().await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+}

@@ -159,7 +159,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let delay = self.ctx.limits.greeting_delay;
         if !delay.is_zero() {
             // Talk before the greeting is what spam engines do; a real MTA waits.
-            if let Ok(r) = tokio::time::timeout(delay, self.io.fill(delay)).await {
+            // The outer timeout decides; the read's own limit only has to be longer.
+            let read = self.io.fill(delay + Duration::from_secs(1));
+            if let Ok(r) = tokio::time::timeout(delay, read).await {
                 r?;
                 self.reply(&codes::talk_before_greeting());
                 self.flush().await?;
