@@ -497,3 +497,55 @@ async fn idle_clients_time_out() {
     let r = c.reply().await;
     assert!(r.starts_with("421 4.4.2"), "{r}");
 }
+
+#[tokio::test]
+async fn xclient_tells_trusting_backends_who_the_client_is() {
+    let old = Backend::start(Behaviour {
+        xclient: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "xclient = true").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO odd+helo=name", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: x\r\n\r\nhi\r\n.", "250").await;
+    assert_eq!(old.wait_for(1).await.len(), 1);
+    let cmds = old.commands.lock().unwrap().clone();
+    let x = cmds
+        .iter()
+        .position(|c| c.starts_with("XCLIENT "))
+        .unwrap_or_else(|| panic!("no XCLIENT in {cmds:?}"));
+    // Only offered attributes, values xtext-encoded; then EHLO again, then the transaction.
+    assert!(
+        cmds[x].starts_with("XCLIENT ADDR=127.0.0.1 PORT=")
+            && cmds[x].ends_with(" NAME=[UNAVAILABLE] HELO=odd+2Bhelo+3Dname PROTO=ESMTP"),
+        "{}",
+        cmds[x]
+    );
+    assert!(cmds[x + 1].starts_with("EHLO "), "{cmds:?}");
+    assert!(cmds[x + 2].starts_with("MAIL FROM:"), "{cmds:?}");
+    // A target without `xclient = true` never sends it, even when offered.
+    let plain = Backend::start(Behaviour {
+        xclient: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(plain.addr, new.addr, "", "").await;
+    relay_client(&p)
+        .send(message(&["bob@example.com"], "no xclient"))
+        .await
+        .unwrap();
+    plain.wait_for(1).await;
+    assert!(
+        !plain
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|c| c.starts_with("XCLIENT"))
+    );
+}

@@ -112,6 +112,8 @@ struct RawTarget {
     #[serde(default)]
     smtp_tls: Option<Spanned<String>>,
     #[serde(default)]
+    xclient: Option<bool>,
+    #[serde(default)]
     tls_verify: Option<bool>,
     #[serde(default)]
     tls_ca: Option<Spanned<String>>,
@@ -231,6 +233,9 @@ pub enum SmtpTlsMode {
 pub struct TargetConfig {
     pub name: String,
     pub smtp_tls: SmtpTlsMode,
+    /// Tell servers that trust us who the real client is (Postfix XCLIENT), when they
+    /// offer it.
+    pub xclient: bool,
     /// `host:port` of each SMTP server, in order of preference.
     pub smtp: Vec<String>,
     /// `host:port` (HTTPS) or `http://host:port` (plain-HTTP lab backend).
@@ -385,6 +390,7 @@ impl Config {
             targets.push(TargetConfig {
                 name: name.clone(),
                 smtp_tls,
+                xclient: t.xclient.unwrap_or(false),
                 smtp: t.smtp.iter().map(|s| s.get_ref().clone()).collect(),
                 https: t.https.iter().map(|s| s.get_ref().clone()).collect(),
                 tls_verify: t.tls_verify.unwrap_or(true),

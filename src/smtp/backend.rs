@@ -51,6 +51,8 @@ pub struct Caps {
     pub starttls: bool,
     pub enhanced: bool,
     pub auth: Vec<String>,
+    /// The XCLIENT attributes the server accepts (upper case), empty without XCLIENT.
+    pub xclient: Vec<String>,
 }
 
 impl Caps {
@@ -69,6 +71,7 @@ impl Caps {
                 "STARTTLS" => c.starttls = true,
                 "ENHANCEDSTATUSCODES" => c.enhanced = true,
                 "AUTH" => c.auth = words.map(str::to_ascii_uppercase).collect(),
+                "XCLIENT" => c.xclient = words.map(str::to_ascii_uppercase).collect(),
                 _ => {}
             }
         }
@@ -143,6 +146,7 @@ pub struct Target {
     pub servers: Vec<Arc<Server>>,
     tls_mode: SmtpTlsMode,
     tls: Arc<ClientConfig>,
+    pub xclient: bool,
 }
 
 impl Target {
@@ -180,6 +184,7 @@ impl Backends {
                     .collect(),
                 tls_mode: t.smtp_tls,
                 tls: tls::client_config(t.tls_verify, t.tls_ca.as_deref())?,
+                xclient: t.xclient,
             }));
         }
         let resolver = TokioAsyncResolver::tokio_from_system_conf().ok();
@@ -508,6 +513,40 @@ impl BackendConn {
         }
         self.caps = Caps::default();
         Ok(())
+    }
+
+    /// Passes the real client's attributes with XCLIENT (only those the server offered),
+    /// then EHLO again, as XCLIENT resets the session. The reply to XCLIENT is returned; a
+    /// refusal leaves the connection usable as it was.
+    pub async fn xclient(
+        &mut self,
+        attrs: &[(&str, String)],
+        hostname: &str,
+    ) -> Result<Reply, BackendError> {
+        let mut line = String::from("XCLIENT");
+        for (name, value) in attrs {
+            if self.caps.xclient.iter().any(|a| a == name) {
+                line.push(' ');
+                line.push_str(name);
+                line.push('=');
+                line.push_str(&super::session::xtext(value));
+            }
+        }
+        if line.len() == "XCLIENT".len() {
+            return Ok(Reply::new(220, "nothing to send"));
+        }
+        line.push_str("\r\n");
+        let r = self.command(&line).await?;
+        if r.code == 220 {
+            let caps_before = self.caps.clone();
+            self.ehlo(hostname).await?;
+            // The server's features do not change with the client it is told about, but
+            // keep XCLIENT known even if the new EHLO hides it.
+            if self.caps.xclient.is_empty() {
+                self.caps.xclient = caps_before.xclient;
+            }
+        }
+        Ok(r)
     }
 
     /// Writes message bytes (already dot-stuffed) after a 354.

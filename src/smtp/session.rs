@@ -571,6 +571,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return (part, codes::target_unavailable());
                 }
             };
+            if target.xclient && !conn.caps.xclient.is_empty() {
+                let attrs = self.xclient_attrs();
+                match conn.xclient(&attrs, &self.ctx.hostname).await {
+                    Ok(r) if r.code == 220 => {}
+                    Ok(r) => tracing::warn!(target = %target.name, reply = %r, "XCLIENT refused"),
+                    Err(e) if conn.reused && attempt == 0 => {
+                        tracing::debug!(error = %e, "pooled backend connection was stale");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target = %target.name, error = %e, "backend failed at XCLIENT");
+                        part.failed = Some(codes::target_unavailable());
+                        return (part, codes::target_unavailable());
+                    }
+                }
+            }
+            let from = &self.txn.as_ref().expect("in a transaction").from;
             let line = match mail_line(from, &conn.caps) {
                 Ok(l) => l,
                 Err(r) => {
@@ -660,6 +677,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         txn.parts.iter().any(Part::live)
+    }
+
+    /// The client as XCLIENT describes it (Postfix XCLIENT_README attribute names).
+    fn xclient_attrs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "ADDR",
+                match self.peer.ip() {
+                    std::net::IpAddr::V4(ip) => ip.to_string(),
+                    std::net::IpAddr::V6(ip) => format!("IPV6:{ip}"),
+                },
+            ),
+            ("PORT", self.peer.port().to_string()),
+            ("NAME", "[UNAVAILABLE]".to_string()),
+            (
+                "HELO",
+                self.helo.clone().unwrap_or_else(|| "[UNAVAILABLE]".into()),
+            ),
+            (
+                "PROTO",
+                if self.esmtp { "ESMTP" } else { "SMTP" }.to_string(),
+            ),
+        ]
     }
 
     fn received_header(&self) -> Vec<u8> {

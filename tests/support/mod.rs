@@ -76,6 +76,8 @@ pub struct Behaviour {
     pub users: HashMap<String, String>,
     /// Close the connection after receiving this many bytes of DATA.
     pub close_mid_data: Option<usize>,
+    /// Offer XCLIENT (Postfix) and answer it with a new greeting.
+    pub xclient: bool,
 }
 
 #[derive(Clone)]
@@ -180,6 +182,9 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
             if !beh.users.is_empty() && tls {
                 r.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
+            if beh.xclient {
+                r.push_str("250-XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n");
+            }
             r.push_str("250 ENHANCEDSTATUSCODES\r\n");
             r
         } else if upper.starts_with("HELO") {
@@ -207,6 +212,8 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
             } else {
                 "535 5.7.8 Authentication credentials invalid\r\n".into()
             }
+        } else if upper.starts_with("XCLIENT ") && beh.xclient {
+            "220 backend ESMTP after XCLIENT\r\n".into()
         } else if upper.starts_with("MAIL FROM:") {
             st.from = Some(cmd[10..].to_string());
             st.rcpts.clear();
