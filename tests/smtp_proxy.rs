@@ -549,3 +549,47 @@ async fn xclient_tells_trusting_backends_who_the_client_is() {
             .any(|c| c.starts_with("XCLIENT"))
     );
 }
+
+#[tokio::test]
+async fn auth_login_prompts_and_cancel() {
+    let cert = TestCert::new();
+    let users = HashMap::from([("EXAMPLE\\bob".to_string(), "pw-b".to_string())]);
+    let backend = |users| Behaviour {
+        starttls: Some(cert.acceptor()),
+        users,
+        ..Behaviour::default()
+    };
+    let old = Backend::start(backend(users.clone())).await;
+    let new = Backend::start(backend(users)).await;
+    let p = Proxy::start(old.addr, new.addr, "", "smtp_tls = \"required\"").await;
+    let tls_session = || async {
+        let mut c = Client::connect(p.addr(coexist::config::ListenerMode::Submission)).await;
+        c.expect("EHLO client.test", "250").await;
+        c.expect("STARTTLS", "220").await;
+        let tls = tokio_rustls::TlsConnector::from(insecure_client())
+            .connect("localhost".try_into().unwrap(), c.io.into_inner())
+            .await
+            .unwrap();
+        let mut c = support::Client {
+            io: tokio::io::BufReader::new(tls),
+        };
+        let ehlo = c.expect("EHLO client.test", "250").await;
+        assert!(ehlo.contains("AUTH PLAIN LOGIN XOAUTH2"), "{ehlo}");
+        c
+    };
+    let mut c = tls_session().await;
+    assert_eq!(c.cmd("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    assert_eq!(c.cmd(&base64(b"EXAMPLE\\bob")).await, "334 UGFzc3dvcmQ6");
+    c.expect(&base64(b"pw-b"), "235").await;
+    c.expect("MAIL FROM:<bob@example.com>", "250").await;
+    c.expect("RCPT TO:<anyone@elsewhere.example>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: via login\r\n\r\nhi\r\n.", "250").await;
+    let m = old.wait_for(1).await;
+    assert_eq!(m[0].auth.as_deref(), Some("EXAMPLE\\bob"));
+
+    let mut c = tls_session().await;
+    assert_eq!(c.cmd("AUTH LOGIN").await, "334 VXNlcm5hbWU6");
+    c.expect("*", "501").await;
+    c.expect("MAIL FROM:<bob@example.com>", "530").await;
+}

@@ -1023,6 +1023,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// The client's response: the initial one if it gave it with AUTH, else what it answers
+    /// to a `334 prompt`. `None` (already answered) when the client cancels with `*`.
+    async fn auth_response(
+        &mut self,
+        initial: String,
+        prompt: &str,
+    ) -> Result<Option<String>, SessionError> {
+        if !initial.is_empty() {
+            return Ok(Some(initial));
+        }
+        self.reply(&Reply::new(334, prompt));
+        let r = self.read_auth_line().await?;
+        if r.is_none() {
+            self.reply(&codes::auth_cancelled());
+        }
+        Ok(r)
+    }
+
     async fn read_auth_line(&mut self) -> Result<Option<String>, SessionError> {
         self.flush().await?;
         match self
@@ -1060,17 +1078,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // Collect the client's credentials as the mechanism defines, to replay them.
         let (login, replay): (String, AuthReplay) = match mechanism {
             AUTH_PLAIN => {
-                let resp = if initial.is_empty() {
-                    self.reply(&Reply::new(334, ""));
-                    match self.read_auth_line().await? {
-                        Some(r) => r,
-                        None => {
-                            self.reply(&codes::auth_cancelled());
-                            return Ok(());
-                        }
-                    }
-                } else {
-                    initial
+                let Some(resp) = self.auth_response(initial, "").await? else {
+                    return Ok(());
                 };
                 let Some(user) = decode_plain(&resp) else {
                     self.reply(&Reply::new(501, "5.5.2 Cannot decode response"));
@@ -1079,21 +1088,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 (user, AuthReplay::Plain(resp))
             }
             AUTH_LOGIN => {
-                let user_b64 = if initial.is_empty() {
-                    self.reply(&Reply::new(334, "VXNlcm5hbWU6"));
-                    match self.read_auth_line().await? {
-                        Some(r) => r,
-                        None => {
-                            self.reply(&codes::auth_cancelled());
-                            return Ok(());
-                        }
-                    }
-                } else {
-                    initial
+                // "Username:" and "Password:", base64 as RFC 4954 shows them.
+                let Some(user_b64) = self.auth_response(initial, "VXNlcm5hbWU6").await? else {
+                    return Ok(());
                 };
-                self.reply(&Reply::new(334, "UGFzc3dvcmQ6"));
-                let Some(pass_b64) = self.read_auth_line().await? else {
-                    self.reply(&codes::auth_cancelled());
+                let Some(pass_b64) = self.auth_response(String::new(), "UGFzc3dvcmQ6").await?
+                else {
                     return Ok(());
                 };
                 let Some(user) = B64

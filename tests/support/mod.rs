@@ -214,6 +214,15 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
         } else if upper.starts_with("XCLIENT ") && beh.xclient {
             "220 backend ESMTP after XCLIENT\r\n".into()
+        } else if upper == "AUTH LOGIN" {
+            let u = ask(io, b"334 VXNlcm5hbWU6\r\n").await?;
+            let p = ask(io, b"334 UGFzc3dvcmQ6\r\n").await?;
+            if beh.users.get(&u) == Some(&p) {
+                st.auth = Some(u);
+                "235 2.7.0 Authentication successful\r\n".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid\r\n".into()
+            }
         } else if upper.starts_with("MAIL FROM:") {
             st.from = Some(cmd[10..].to_string());
             st.rcpts.clear();
@@ -277,6 +286,17 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
         };
         io.get_mut().write_all(reply.as_bytes()).await?;
     }
+}
+
+/// One AUTH LOGIN step: a prompt, then the client's base64 answer, decoded.
+async fn ask<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut BufReader<S>,
+    prompt: &[u8],
+) -> std::io::Result<String> {
+    io.get_mut().write_all(prompt).await?;
+    let mut l = String::new();
+    io.read_line(&mut l).await?;
+    Ok(String::from_utf8_lossy(&base64_decode(&l)).into_owned())
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {
