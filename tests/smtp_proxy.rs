@@ -593,3 +593,24 @@ async fn auth_login_prompts_and_cancel() {
     c.expect("*", "501").await;
     c.expect("MAIL FROM:<bob@example.com>", "530").await;
 }
+
+#[tokio::test]
+async fn a_dead_server_fails_over_to_the_next() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let old_b = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start_servers(&[dead, old_b.addr], &[new.addr], "", "").await;
+    let smtp = relay_client(&p);
+    for i in 0..3 {
+        smtp.send(message(&["bob@example.com"], &format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(old_b.wait_for(3).await.len(), 3);
+    let target = p.running.backends.target("old").unwrap();
+    assert!(!target.servers[0].is_up(), "the dead server is marked down");
+    assert!(target.servers[1].is_up());
+}

@@ -108,6 +108,7 @@ impl Default for BackendSettings {
 /// One server of a target.
 pub struct Server {
     pub addr: String,
+    target: String,
     up: AtomicBool,
     caps: Mutex<Option<Caps>>,
     idle: Mutex<Vec<(BackendConn, Instant)>>,
@@ -131,8 +132,12 @@ impl Server {
                 tracing::warn!(server = %self.addr, reason = why, "backend server down");
             }
         }
-        metrics::gauge!("coexist_backend_up", "server" => self.addr.clone())
-            .set(f64::from(u8::from(up)));
+        metrics::gauge!(
+            "coexist_backend_up",
+            "target" => self.target.clone(),
+            "server" => self.addr.clone()
+        )
+        .set(f64::from(u8::from(up)));
     }
 }
 
@@ -175,6 +180,7 @@ impl Backends {
                     .map(|addr| {
                         Arc::new(Server {
                             addr: addr.clone(),
+                            target: t.name.clone(),
                             // Optimistic until a probe or a connection says otherwise.
                             up: AtomicBool::new(true),
                             caps: Mutex::new(None),
@@ -562,9 +568,9 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Ends DATA and waits for the final reply (RFC 5321: up to 10 minutes).
-    pub async fn end_data(&mut self, final_timeout: Duration) -> Result<Reply, BackendError> {
-        self.write_data(b".\r\n", self.timeout).await?;
+    /// Waits for the final reply to a message whose end of data was sent (RFC 5321: up to
+    /// 10 minutes).
+    pub async fn read_final(&mut self, final_timeout: Duration) -> Result<Reply, BackendError> {
         let saved = self.timeout;
         self.timeout = final_timeout;
         let r = self.read_reply().await;

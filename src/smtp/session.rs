@@ -763,6 +763,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let end = scanner.feed(self.io.buffered(), &mut out);
             let consumed = end.unwrap_or(self.io.buffered().len());
             self.io.consume(consumed);
+            if end.is_some() && scanner.violation().is_none() {
+                // The end of data goes out with the last bytes: one write, one segment.
+                out.extend_from_slice(b".\r\n");
+            }
             if !out.is_empty() {
                 self.forward(&out).await;
                 out.clear();
@@ -863,6 +867,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         sc.finish_raw(&mut out);
         let violation = sc.violation();
+        if violation.is_none() {
+            out.extend_from_slice(b".\r\n");
+        }
         if !out.is_empty() {
             self.forward(&out).await;
         }
@@ -892,7 +899,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// Ends the message on every live part and decides the one reply the client gets.
+    /// Collects every live part's final reply (their end of data went out with the last
+    /// content bytes) and decides the one reply the client gets; on a violation the
+    /// backends are cut off instead, before any end of data reached them.
     async fn finish_message(&mut self, violation: Option<Violation>) -> Reply {
         if let Some(v) = violation {
             // Cut the backends off before their end-of-data: nothing is delivered.
@@ -924,7 +933,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .filter(|p| p.live())
                 .map(|p| async move {
                     let conn = p.conn.as_mut().expect("live part has a connection");
-                    let r = conn.end_data(final_timeout).await;
+                    let r = conn.read_final(final_timeout).await;
                     (p, r)
                 }),
         )

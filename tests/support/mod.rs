@@ -355,6 +355,23 @@ impl Proxy {
         extra_smtp: &str,
         target_extra: &str,
     ) -> Proxy {
+        Self::start_servers(&[old], &[new], extra_smtp, target_extra).await
+    }
+
+    /// The same with several servers per target, in order.
+    pub async fn start_servers(
+        old: &[SocketAddr],
+        new: &[SocketAddr],
+        extra_smtp: &str,
+        target_extra: &str,
+    ) -> Proxy {
+        let list = |a: &[SocketAddr]| {
+            a.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (old, new) = (list(old), list(new));
         let dir = tempfile::tempdir().unwrap();
         let cert = TestCert::new();
         cert.write(dir.path());
@@ -376,11 +393,11 @@ mode = "submission"
 cert = "cert.pem"
 key = "key.pem"
 [targets.old]
-smtp = ["{old}"]
+smtp = [{old}]
 tls_verify = false
 {target_extra}
 [targets.new]
-smtp = ["{new}"]
+smtp = [{new}]
 tls_verify = false
 {target_extra}
 "#
