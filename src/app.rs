@@ -9,9 +9,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admin::{self, AdminCtx};
 use crate::config::{Config, ListenerMode};
+use crate::control::{Control, ControlError};
 use crate::listener::{ConnLimits, run_smtp};
-use crate::route::{Diagnostics, LoadError, Router, load_routes};
+use crate::route::{Diagnostics, Router};
 use crate::smtp::backend::{BackendSettings, Backends};
 use crate::smtp::session::SessionCtx;
 use crate::tls;
@@ -20,6 +22,13 @@ use crate::tls;
 pub enum AppError {
     #[error("routing table rejected:\n{0}")]
     Routes(Diagnostics),
+    #[error(transparent)]
+    Control(ControlError),
+    #[error("admin token file {path}: {source}")]
+    Token {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -32,10 +41,11 @@ pub enum AppError {
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,
+    pub control: Arc<Control>,
     pub backends: Arc<Backends>,
     /// The SMTP listeners' addresses, in config order (port 0 resolved).
     pub smtp_addrs: Vec<(ListenerMode, SocketAddr)>,
-    config: Config,
+    pub admin_addr: SocketAddr,
     limits: Arc<ConnLimits>,
     shutdown: watch::Sender<bool>,
 }
@@ -43,9 +53,32 @@ pub struct Running {
 impl Running {
     /// Loads the table, binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Running, AppError> {
-        let table = load_routes(&config.routes.path, &config.known_targets())
-            .map_err(|LoadError::Invalid(d)| AppError::Routes(d))?;
-        let router = Arc::new(Router::new(table, config.routes.history));
+        let control = Control::start(
+            &config.routes.path,
+            config.known_targets(),
+            config.routes.history,
+            &config.routes.state_dir,
+        )
+        .map_err(|e| match e {
+            ControlError::Rejected(d) => AppError::Routes(d),
+            other => AppError::Control(other),
+        })?;
+        let control = Arc::new(control);
+        let router = Arc::clone(control.router());
+        let token = match &config.admin.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|source| AppError::Token {
+                        path: p.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        // The recorder must exist before the first metric is emitted.
+        admin::prometheus();
         let smtp = &config.smtp;
         let settings = BackendSettings {
             hostname: smtp.hostname.clone(),
@@ -108,32 +141,48 @@ impl Running {
                 }
             }
         });
+        let admin_listener = TcpListener::bind(config.admin.listen)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| AppError::Bind {
+                addr: config.admin.listen,
+                source,
+            })?;
+        let admin_ctx = Arc::new(AdminCtx {
+            control: Arc::clone(&control),
+            backends: Arc::clone(&backends),
+            token,
+            ready: std::sync::atomic::AtomicBool::new(false),
+            started: std::time::SystemTime::now(),
+        });
+        tokio::spawn(admin::serve(
+            admin_listener,
+            Arc::clone(&admin_ctx),
+            shutdown_rx.clone(),
+        ));
+        // Every listener is bound and the table is loaded: ready.
+        admin_ctx
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Running {
             router,
+            control,
             backends,
             smtp_addrs,
-            config,
+            admin_addr,
             limits,
             shutdown,
         })
     }
 
     /// Re-reads the routing table source; a rejected table leaves the active one serving.
-    pub fn reload(&self) -> Result<crate::route::Swapped, Diagnostics> {
-        let old = self.router.snapshot().version();
-        match load_routes(&self.config.routes.path, &self.config.known_targets()) {
-            Ok(t) => {
-                let s = self.router.swap(t);
-                metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
-                tracing::info!(old = %old, new = %s.active.version(), "routing table swapped");
-                Ok(s)
-            }
-            Err(LoadError::Invalid(d)) => {
-                metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
-                tracing::error!(active = %old, errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
-                Err(d)
-            }
-        }
+    pub fn reload(&self) -> Result<crate::control::ChangeReport, ControlError> {
+        self.control.reload(false, "SIGHUP")
     }
 
     /// Stops accepting, tells idle sessions to close, and waits for the others up to

@@ -17,8 +17,10 @@
 //! The routing table is the foundation: every protocol front end (SMTP, HTTPS) only asks
 //! the router for a snapshot and calls `lookup*` on it.
 
+pub mod admin;
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod listener;
 pub mod route;

@@ -1,14 +1,13 @@
 //! The `coexist` command line. The only place `anyhow` is used.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use coexist::config::{Config, DEFAULT_CONFIG};
-use coexist::route::{
-    Diagnostics, KnownTargets, LoadError, Route, RoutingTable, TableDiff, load_routes,
-};
+use coexist::route::{Diagnostics, KnownTargets, LoadError, RoutingTable, TableDiff, load_routes};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -51,6 +50,50 @@ enum Command {
         json: bool,
         #[arg(required = true)]
         addresses: Vec<String>,
+    },
+    /// Move a site (or one mailbox, with --mailbox) to a target on the running proxy.
+    Cutover {
+        /// The site to move.
+        #[arg(required_unless_present = "mailbox", conflicts_with = "mailbox")]
+        site: Option<String>,
+        /// Move one mailbox (a pilot user) instead of a site.
+        #[arg(long)]
+        mailbox: Option<String>,
+        /// The target that owns it from now on.
+        #[arg(long)]
+        to: String,
+        /// Show what would move without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Return the running proxy and the table source to the previous (or named) version.
+    Rollback {
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the routing table source on the running proxy.
+    Reload {
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running proxy: active version, sites and owners, backend health.
+    Status {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Routing table operations.
     Routes {
@@ -120,6 +163,35 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
         }),
         Command::Check { config, json } => check(&config, json),
+        Command::Cutover {
+            site,
+            mailbox,
+            to,
+            dry_run,
+            config,
+            json,
+        } => {
+            let body = match (site, mailbox) {
+                (_, Some(m)) => json!({"mailbox": m, "to": to}),
+                (Some(s), None) => json!({"site": s, "to": to}),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let q = if dry_run { "?dry_run=1" } else { "" };
+            admin_change(&config, &format!("/routes/cutover{q}"), &body, json)
+        }
+        Command::Rollback { to, config, json } => {
+            let body = to.map_or_else(|| json!({}), |v| json!({"version": v}));
+            admin_change(&config, "/routes/rollback", &body, json)
+        }
+        Command::Reload {
+            dry_run,
+            config,
+            json,
+        } => {
+            let q = if dry_run { "?dry_run=1" } else { "" };
+            admin_change(&config, &format!("/routes/reload{q}"), &json!({}), json)
+        }
+        Command::Status { config, json } => status(&config, json),
         Command::Lookup {
             config,
             json,
@@ -205,6 +277,146 @@ fn serve(config: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// The running proxy's admin API, as its config names it.
+struct AdminClient {
+    base: String,
+    token: Option<String>,
+}
+
+impl AdminClient {
+    fn from_config(config: &Path) -> Result<Self> {
+        let cfg = Config::load(config).map_err(|d| report(&d, false))?;
+        let token = match &cfg.admin.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading admin token {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            base: format!("http://{}", cfg.admin.listen),
+            token,
+        })
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let actor = format!(
+            "{}@{} (cli)",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into())
+        );
+        let mut r = ureq::request(method, &format!("{}{path}", self.base))
+            .timeout(std::time::Duration::from_secs(120))
+            .set("X-Coexist-Actor", &actor);
+        if let Some(t) = &self.token {
+            r = r.set("Authorization", &format!("Bearer {t}"));
+        }
+        r
+    }
+
+    /// The JSON answer, or the API's error (its `errors` listed one per line).
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let req = self.request(method, path);
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => Ok(r.into_json()?),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: serde_json::Value = r.into_json().unwrap_or_default();
+                let mut msg = v["error"].as_str().unwrap_or("error").to_string();
+                for e in v["errors"].as_array().into_iter().flatten() {
+                    let _ = write!(
+                        msg,
+                        "\n{}:{}: {}",
+                        e["file"].as_str().unwrap_or("?"),
+                        e["line"],
+                        e["message"].as_str().unwrap_or("")
+                    );
+                }
+                Err(anyhow::anyhow!("{msg} (HTTP {code})"))
+            }
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot reach the running proxy's admin API at {}: {e}",
+                self.base
+            )),
+        }
+    }
+}
+
+fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool) -> Result<()> {
+    let client = AdminClient::from_config(config)?;
+    let v = client.call("POST", path, Some(body))?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let applied = v["applied"].as_bool().unwrap_or(false);
+    println!(
+        "{}: {} {} -> {}",
+        v["what"].as_str().unwrap_or("change"),
+        if applied {
+            "applied, version"
+        } else {
+            "dry run, nothing changed; version would go"
+        },
+        v["from"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?"),
+    );
+    let diff: TableDiff =
+        serde_json::from_value(v["diff"].clone()).context("reading the diff from the admin API")?;
+    print!("{diff}");
+    Ok(())
+}
+
+fn status(config: &Path, json: bool) -> Result<()> {
+    let client = AdminClient::from_config(config)?;
+    let v = client.call("GET", "/status", None)?;
+    if json {
+        println!("{v:#}");
+        return Ok(());
+    }
+    println!(
+        "active version {} ({} mailboxes, from {})",
+        v["version"].as_str().unwrap_or("?"),
+        v["mailboxes"],
+        v["source"].as_str().unwrap_or("?")
+    );
+    println!("sites:");
+    for s in v["sites"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<24} owner {:<10} {} mailboxes",
+            s["name"].as_str().unwrap_or("?"),
+            s["owner"].as_str().unwrap_or("?"),
+            s["mailboxes"]
+        );
+    }
+    println!("targets:");
+    for t in v["targets"].as_array().into_iter().flatten() {
+        for s in t["smtp"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<10} smtp {:<28} {}",
+                t["name"].as_str().unwrap_or("?"),
+                s["server"].as_str().unwrap_or("?"),
+                if s["up"].as_bool() == Some(true) {
+                    "up"
+                } else {
+                    "DOWN"
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 fn report(d: &Diagnostics, json: bool) -> anyhow::Error {
@@ -299,73 +511,12 @@ fn check(config: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// What one lookup found, for both output forms.
-fn describe(table: &RoutingTable, input: &str) -> serde_json::Value {
-    let query = input.trim().trim_start_matches('<').trim_end_matches('>');
-    let version = table.version().to_string();
-    let mailbox = |m: coexist::route::MailboxRef<'_>, via: &str| {
-        json!({
-            "query": input,
-            "result": "mailbox",
-            "via": via,
-            "mailbox": m.address(),
-            "site": m.site(),
-            "owner": m.owner_name(),
-            "owner_source": if m.owner_overridden() { "mailbox" } else { "site" },
-            "guid": m.guid().map(|g| g.to_string()),
-            "version": version,
-        })
-    };
-    // A bare GUID or `<guid>@domain` (MAPI MailboxId, RPC/HTTP) names a mailbox by GUID.
-    let guid_part = query.split_once('@').map_or(query, |(g, _)| g);
-    if let Ok(g) = uuid::Uuid::parse_str(guid_part.trim_matches(['{', '}']))
-        && let Some(m) = table.lookup_guid(g)
-    {
-        return mailbox(m, "guid");
-    }
-    if query.contains('\\') {
-        return match table.lookup_login(query) {
-            Some(m) => mailbox(m, "login"),
-            None => {
-                json!({"query": input, "result": "not_found", "via": "login", "version": version})
-            }
-        };
-    }
-    match table.lookup(query) {
-        Route::Mailbox(m) => {
-            let via = if m.matched() == m.address() {
-                if query.eq_ignore_ascii_case(m.address()) {
-                    "address"
-                } else {
-                    "subaddress"
-                }
-            } else {
-                "alias"
-            };
-            mailbox(m, via)
-        }
-        route => {
-            // A UPN looks like an address in a domain we may not route.
-            if let Some(m) = table.lookup_login(query) {
-                return mailbox(m, "login");
-            }
-            match route {
-                Route::DomainDefault { domain, target } => json!({
-                    "query": input, "result": "domain_default", "domain": domain,
-                    "owner": table.target_name(target), "version": version,
-                }),
-                Route::Reject { domain } => json!({
-                    "query": input, "result": "reject", "domain": domain, "version": version,
-                }),
-                _ => json!({"query": input, "result": "not_ours", "version": version}),
-            }
-        }
-    }
-}
-
 fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
     let (_, table) = load(config, json)?;
-    let results: Vec<_> = addresses.iter().map(|a| describe(&table, a)).collect();
+    let results: Vec<_> = addresses
+        .iter()
+        .map(|a| coexist::route::explain(&table, a))
+        .collect();
     if json {
         println!("{:#}", serde_json::Value::Array(results));
         return Ok(());

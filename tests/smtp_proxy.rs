@@ -68,7 +68,11 @@ async fn each_recipient_goes_to_its_owner() {
         "{}",
         n[0].body_text()
     );
-    assert!(n[0].body_text().contains("by mx.test (coexist) with ESMTP"));
+    assert!(
+        n[0].body_text().contains("by mx.test (coexist, table 1-"),
+        "{}",
+        n[0].body_text()
+    );
 }
 
 #[tokio::test]

@@ -43,6 +43,8 @@ struct RawRoutes {
     path: Option<Spanned<String>>,
     #[serde(default)]
     history: Option<Spanned<i64>>,
+    #[serde(default)]
+    state_dir: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,8 @@ pub struct RoutesConfig {
     /// The routes file, resolved against the config file's directory.
     pub path: PathBuf,
     pub history: usize,
+    /// Where applied versions' source files are kept (default `state/` beside the config).
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -540,6 +544,7 @@ impl Config {
             routes: RoutesConfig {
                 path: routes_path,
                 history,
+                state_dir: rel(raw.routes.state_dir.as_deref().unwrap_or("state")),
             },
             admin,
             smtp,

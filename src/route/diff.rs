@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::table::{RoutingTable, Version};
 
 /// One mailbox that changes owner.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Moved {
     pub address: String,
     pub site: String,
@@ -21,7 +21,7 @@ pub struct Moved {
 }
 
 /// Per site: its owner in each table and how many of its mailboxes move from → to.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SiteChange {
     pub site: String,
     pub owner_from: Option<String>,
@@ -30,7 +30,7 @@ pub struct SiteChange {
     pub moves: Vec<MoveCount>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MoveCount {
     pub from: String,
     pub to: String,
@@ -38,7 +38,7 @@ pub struct MoveCount {
 }
 
 /// Per target: mailboxes gained and lost by owner changes.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TargetChange {
     pub target: String,
     pub gained: u64,
@@ -46,14 +46,14 @@ pub struct TargetChange {
 }
 
 /// A domain whose `unknown` rule changes.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DomainChange {
     pub domain: String,
     pub unknown_from: Option<String>,
     pub unknown_to: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TableDiff {
     pub from: Version,
     pub to: Version,

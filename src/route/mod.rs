@@ -7,6 +7,7 @@
 
 pub mod diagnostics;
 pub mod diff;
+pub mod explain;
 pub mod normalize;
 pub mod router;
 pub mod source;
@@ -14,9 +15,10 @@ pub mod table;
 
 pub use diagnostics::{Diagnostic, Diagnostics};
 pub use diff::TableDiff;
+pub use explain::explain;
 pub use normalize::LocalPolicy;
 pub use router::{DEFAULT_HISTORY, RollbackError, Router, Swapped};
-pub use source::{LoadError, load_routes};
+pub use source::{LoadError, load_routes, load_routes_text};
 pub use table::{
     Field, KnownTargets, MailboxRef, MailboxSpec, Route, RoutingTable, TableBuilder, TargetId,
     Version,

@@ -37,6 +37,9 @@ struct State {
     /// active table here also means a reader never drops the last reference to a swapped
     /// out table, so freeing a million-entry table never lands on a data-plane task.
     history: VecDeque<Arc<RoutingTable>>,
+    /// The versions that were active before the current one, most recent last: what a
+    /// rollback without a version returns to, step by step.
+    previous: Vec<Arc<RoutingTable>>,
     next_seq: u64,
     capacity: usize,
 }
@@ -49,14 +52,20 @@ pub struct Router {
 
 impl Router {
     /// A router serving `table` as version 1, keeping at most `history` versions (≥ 1).
-    pub fn new(mut table: RoutingTable, history: usize) -> Self {
-        table.set_seq(1);
+    pub fn new(table: RoutingTable, history: usize) -> Self {
+        Self::with_seq(table, history, 1)
+    }
+
+    /// A router serving `table` as version `seq` (continuing a history kept on disk).
+    pub fn with_seq(mut table: RoutingTable, history: usize, seq: u64) -> Self {
+        table.set_seq(seq);
         let table = Arc::new(table);
         Self {
             active: ArcSwap::new(Arc::clone(&table)),
             state: Mutex::new(State {
                 history: VecDeque::from([table]),
-                next_seq: 2,
+                previous: Vec::new(),
+                next_seq: seq + 1,
                 capacity: history.max(1),
             }),
         }
@@ -88,6 +97,7 @@ impl Router {
         let table = Arc::new(table);
         st.history.push_back(Arc::clone(&table));
         let previous = self.active.swap(Arc::clone(&table));
+        st.previous.push(Arc::clone(&previous));
         Self::trim(&mut st, &table);
         Swapped {
             previous,
@@ -97,6 +107,10 @@ impl Router {
 
     /// Drops the oldest versions beyond the capacity, never the active one.
     fn trim(st: &mut State, active: &Arc<RoutingTable>) {
+        if st.previous.len() > st.capacity {
+            let excess = st.previous.len() - st.capacity;
+            st.previous.drain(..excess);
+        }
         while st.history.len() > st.capacity {
             let Some(pos) = st.history.iter().position(|t| !Arc::ptr_eq(t, active)) else {
                 break;
@@ -105,33 +119,35 @@ impl Router {
         }
     }
 
-    /// Makes an earlier version active again: the newest one older than the active one, or
-    /// the one `to` names. The versions stay in the history, so rolling forward again is a
-    /// rollback `--to` the newer version.
+    /// Makes an earlier version active again: without `to`, the one that was active before
+    /// the current one (repeated rollbacks walk further back through what was active); with
+    /// `to`, any kept version, newer ones included.
     pub fn rollback(&self, to: Option<&str>) -> Result<Swapped, RollbackError> {
-        let st = self.state();
+        let mut st = self.state();
         let active = self.active.load_full();
         let target = match to {
-            Some(spec) => st
-                .history
-                .iter()
-                .rev()
-                .find(|t| t.version().matches(spec))
-                .cloned()
-                .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?,
-            None => st
-                .history
-                .iter()
-                .rev()
-                .filter(|t| t.version().seq < active.version().seq)
-                .max_by_key(|t| t.version().seq)
-                .cloned()
-                .ok_or(RollbackError::NoEarlier)?,
+            Some(spec) => {
+                let t = st
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|t| t.version().matches(spec))
+                    .cloned()
+                    .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?;
+                if Arc::ptr_eq(&t, &active) {
+                    return Err(RollbackError::AlreadyActive(active.version()));
+                }
+                st.previous.push(Arc::clone(&active));
+                t
+            }
+            None => st.previous.pop().ok_or(RollbackError::NoEarlier)?,
         };
-        if Arc::ptr_eq(&target, &active) {
-            return Err(RollbackError::AlreadyActive(active.version()));
-        }
         let previous = self.active.swap(Arc::clone(&target));
+        // A version that is active again must be kept even if it had aged out.
+        if !st.history.iter().any(|t| Arc::ptr_eq(t, &target)) {
+            st.history.push_back(Arc::clone(&target));
+        }
+        Self::trim(&mut st, &target);
         drop(st);
         Ok(Swapped {
             previous,
@@ -205,6 +221,23 @@ mod tests {
             r.rollback(Some("99")),
             Err(RollbackError::UnknownVersion(_))
         ));
+    }
+
+    #[test]
+    fn rollback_undoes_the_last_change_each_time() {
+        let r = Router::new(table("old"), 10);
+        for _ in 0..3 {
+            r.swap(table("new"));
+            assert_eq!(owner(&r), "new");
+            let rb = r.rollback(None).unwrap();
+            assert_eq!(
+                rb.active.version().seq,
+                1,
+                "back to the version before the cutover"
+            );
+            assert_eq!(owner(&r), "old");
+        }
+        assert_eq!(r.rollback(None).unwrap_err(), RollbackError::NoEarlier);
     }
 
     #[test]

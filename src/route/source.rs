@@ -24,6 +24,9 @@ struct RawRoutes {
     mailbox: Vec<RawMailbox>,
     #[serde(default)]
     import: Option<RawImport>,
+    /// Per-mailbox owners set by `coexist cutover --mailbox`: applied on top of every source.
+    #[serde(default)]
+    owners: IndexMap<String, Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,16 +87,28 @@ impl LoadError {
 
 /// Loads, validates and compiles the table whose source is `path`.
 pub fn load_routes(path: &Path, targets: &KnownTargets) -> Result<RoutingTable, LoadError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => load_routes_text(path, &text, targets),
+        Err(e) => {
+            let mut b = TableBuilder::new(targets);
+            let file = b.add_file(path);
+            b.error(file, 0, format!("cannot read: {e}"));
+            Err(LoadError::Invalid(finish_errors(b)))
+        }
+    }
+}
+
+/// Compiles a routes file's `text` as if it were at `path` (CSV imports are read relative to
+/// it): how a change is validated before it is written.
+pub fn load_routes_text(
+    path: &Path,
+    text: &str,
+    targets: &KnownTargets,
+) -> Result<RoutingTable, LoadError> {
     let mut b = TableBuilder::new(targets);
     b.set_source(path.display().to_string());
     let file = b.add_file(path);
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            b.error(file, 0, format!("cannot read: {e}"));
-            return Err(LoadError::Invalid(finish_errors(b)));
-        }
-    };
+    let text = text.to_string();
     let lines = LineIndex::new(&text);
     let raw: RawRoutes = match toml::from_str(&text) {
         Ok(r) => r,
@@ -119,6 +134,17 @@ pub fn load_routes(path: &Path, targets: &KnownTargets) -> Result<RoutingTable, 
     for (name, s) in &raw.sites {
         let line = lines.line(s.span().start);
         b.add_site(file, Field { text: name, line }, field(&s.get_ref().owner));
+    }
+    for (address, owner) in &raw.owners {
+        let line = lines.line(owner.span().start);
+        b.add_owner_override(
+            file,
+            Field {
+                text: address,
+                line,
+            },
+            field(owner),
+        );
     }
     for m in &raw.mailbox {
         let spec = MailboxSpec {

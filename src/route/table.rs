@@ -66,6 +66,30 @@ impl fmt::Display for Version {
     }
 }
 
+impl std::str::FromStr for Version {
+    type Err = String;
+
+    /// Parses `SEQ-HASH` as displayed; only the short hash is known then.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seq, hash) = s
+            .split_once('-')
+            .ok_or_else(|| format!("bad version {s:?}"))?;
+        Ok(Version {
+            seq: seq.parse().map_err(|_| format!("bad version {s:?}"))?,
+            hash: u64::from(
+                u32::from_str_radix(hash, 16).map_err(|_| format!("bad version {s:?}"))?,
+            ) << 32,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl Serialize for Version {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
@@ -269,6 +293,8 @@ pub struct RoutingTable {
     version: Version,
     loaded_at: SystemTime,
     source: Box<str>,
+    /// Every file the table was read from (routes file first, then CSV imports).
+    files: Box<[Arc<Path>]>,
     targets: Box<[Box<str>]>,
     domains: Box<[DomainRec]>,
     domain_index: HashMap<Box<[u8]>, u32, RandomState>,
@@ -311,6 +337,11 @@ impl RoutingTable {
     /// Where the table came from (the routes file), for status output.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The source files: what a rollback must restore to get this version back.
+    pub fn files(&self) -> &[Arc<Path>] {
+        &self.files
     }
 
     pub fn mailbox_count(&self) -> usize {
@@ -564,6 +595,8 @@ pub struct TableBuilder {
     guid_index: hashbrown::HashMap<u128, u32, RandomState>,
     hasher: RandomState,
     source: String,
+    /// `[owners]`: canonical address → (owner, where it was written, used yet).
+    owner_overrides: HashMap<String, (TargetId, Origin, bool), RandomState>,
 }
 
 impl TableBuilder {
@@ -592,7 +625,52 @@ impl TableBuilder {
             guid_index: hashbrown::HashMap::default(),
             hasher: RandomState::default(),
             source: String::new(),
+            owner_overrides: HashMap::default(),
         }
+    }
+
+    /// A per-mailbox owner from `[owners]`; it must name a mailbox (by any of its
+    /// addresses) that some source defines. Call after the domains, before the mailboxes.
+    pub fn add_owner_override(&mut self, file: u16, address: Field<'_>, owner: Field<'_>) {
+        let Some(target) = self.target(file, owner) else {
+            return;
+        };
+        let mark = self.arena.len();
+        let Some(span) = self.push_address(file, address, "owners entry") else {
+            return;
+        };
+        let key = self.arena[span.range()].to_string();
+        self.arena.truncate(mark);
+        let origin = Origin {
+            file,
+            line: address.line,
+        };
+        if self
+            .owner_overrides
+            .insert(key, (target, origin, false))
+            .is_some()
+        {
+            self.error(
+                file,
+                address.line,
+                format!("{:?} is listed twice in [owners]", address.text),
+            );
+        }
+    }
+
+    /// The `[owners]` override for a mailbox with these keys, marking it used.
+    fn owner_override(&mut self, keys: impl Iterator<Item = Span>) -> Option<TargetId> {
+        if self.owner_overrides.is_empty() {
+            return None;
+        }
+        for k in keys {
+            let text = &self.arena[k.range()];
+            if let Some((t, _, used)) = self.owner_overrides.get_mut(text) {
+                *used = true;
+                return Some(*t);
+            }
+        }
+        None
     }
 
     /// Pre-sizes the buffers when a source knows roughly how many mailboxes follow, so a
@@ -884,6 +962,13 @@ impl TableBuilder {
             return;
         }
 
+        let keys: Vec<Span> = std::iter::once(primary)
+            .chain(self.spans[spans_mark..logins_mark].iter().copied())
+            .collect();
+        let (owner, overridden) = match self.owner_override(keys.into_iter()) {
+            Some(t) => (t, true),
+            None => (owner, overridden),
+        };
         let idx = self.mailboxes.len() as u32;
         self.mailboxes.push(MailboxRec {
             primary,
@@ -1006,6 +1091,19 @@ impl TableBuilder {
                     .push(&f, o.line, format!("site {:?} has no mailboxes", site.name));
             }
         }
+        let unused: Vec<(String, Origin)> = self
+            .owner_overrides
+            .iter()
+            .filter(|(_, (_, _, used))| !used)
+            .map(|(k, (_, o, _))| (k.clone(), *o))
+            .collect();
+        for (k, o) in unused {
+            self.error(
+                o.file,
+                o.line,
+                format!("[owners] names {k:?}, which is no mailbox"),
+            );
+        }
         let addr_keys = std::mem::take(&mut self.addr_keys);
         let addr_index = self.build_index(addr_keys);
         let login_keys = std::mem::take(&mut self.login_keys);
@@ -1021,6 +1119,7 @@ impl TableBuilder {
             version: Version { seq: 1, hash },
             loaded_at: SystemTime::now(),
             source: self.source.into(),
+            files: self.files.clone().into(),
             targets: self.targets.into(),
             domains: self.domains.into(),
             domain_index: self.domain_index,

@@ -715,9 +715,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .as_deref()
             .unwrap_or("unknown")
             .replace(|c: char| c.is_control() || c == '(' || c == ')', "");
+        // The table version says, for anyone tracing a message, which routing decided it.
+        let version = self
+            .txn
+            .as_ref()
+            .map_or_else(String::new, |t| format!(", table {}", t.table.version()));
         let _ = write!(
             h,
-            "Received: from {helo} ([{}])\r\n\tby {} (coexist) with {with};\r\n\t{}\r\n",
+            "Received: from {helo} ([{}])\r\n\tby {} (coexist{version}) with {with};\r\n\t{}\r\n",
             self.peer.ip(),
             self.ctx.hostname,
             rfc5322_date(SystemTime::now())

@@ -380,6 +380,8 @@ impl Proxy {
             r#"
 [routes]
 path = "routes.toml"
+[admin]
+listen = "127.0.0.1:0"
 [smtp]
 hostname = "mx.test"
 {extra_smtp}

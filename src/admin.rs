@@ -1,0 +1,447 @@
+//! The admin API (HTTP/1.1, hyper): health, status, lookups, reload, cutover, rollback,
+//! Prometheus metrics and a status page.
+//!
+//! Everything but `/healthz` and `/readyz` needs `Authorization: Bearer <token>` when a token
+//! is configured (the config refuses a non-loopback address without one). Errors are JSON:
+//! `{"error": "...", "errors": [{file, line, message}]}`. Table changes run on a blocking
+//! thread: building a million-mailbox table takes a second and must not stall the runtime.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::control::{Change, Control, ControlError};
+use crate::route::explain;
+use crate::smtp::backend::Backends;
+
+/// Largest request body accepted (cutover and rollback bodies are tiny).
+const MAX_BODY: usize = 64 * 1024;
+
+/// The process-wide Prometheus recorder (metrics has one global recorder).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may be installed already (tests, embedding); then /metrics
+        // shows what this one sees, which is nothing, rather than failing.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+pub struct AdminCtx {
+    pub control: Arc<Control>,
+    pub backends: Arc<Backends>,
+    pub token: Option<String>,
+    pub ready: AtomicBool,
+    pub started: SystemTime,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_resp(status: StatusCode, v: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{v:#}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn text_resp(status: StatusCode, ctype: &'static str, body: String) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn error(status: StatusCode, msg: &str) -> Resp {
+    json_resp(status, &json!({ "error": msg }))
+}
+
+fn control_error(e: &ControlError) -> Resp {
+    match e {
+        ControlError::Rejected(d) => json_resp(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({
+                "error": "routing table rejected; the active version keeps serving",
+                "errors": d.errors,
+                "more_errors": d.more,
+            }),
+        ),
+        ControlError::NotFound(_) | ControlError::Rollback(_) => {
+            error(StatusCode::NOT_FOUND, &e.to_string())
+        }
+        _ => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// Serves the admin API until shutdown.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = crate::listener::stopped(&mut shutdown) => return,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ctx = Arc::clone(&ctx);
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = Arc::clone(&ctx);
+                async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn authorized(ctx: &AdminCtx, req: &Request<Incoming>) -> bool {
+    let Some(token) = &ctx.token else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    // Length first, then every byte: the comparison does not stop at the first difference.
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 3 <= b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn dry_run(req: &Request<Incoming>) -> bool {
+    query_param(req, "dry_run").is_some_and(|v| v == "1" || v == "true")
+}
+
+fn actor(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-coexist-actor")
+        .and_then(|v| v.to_str().ok())
+        .map_or_else(
+            || "api".to_string(),
+            |v| v.chars().filter(|c| !c.is_control()).take(100).collect(),
+        )
+}
+
+async fn body_json(req: Request<Incoming>) -> Result<Value, Resp> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large or unreadable",
+            )
+        })?
+        .to_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("request body is not JSON: {e}"),
+        )
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Resp> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
+async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/healthz") => {
+            return text_resp(StatusCode::OK, "text/plain", "ok\n".into());
+        }
+        (&Method::GET, "/readyz") => {
+            return if ctx.ready.load(Ordering::Relaxed) {
+                text_resp(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text_resp(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "starting\n".into(),
+                )
+            };
+        }
+        _ => {}
+    }
+    if !authorized(ctx, &req) {
+        let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        r.headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    let result = match (&method, path.as_str()) {
+        (&Method::GET, "/status") => Ok(json_resp(StatusCode::OK, &status_json(ctx))),
+        (&Method::GET, "/lookup") => match query_param(&req, "address") {
+            Some(a) => {
+                let table = ctx.control.router().snapshot();
+                Ok(json_resp(StatusCode::OK, &explain(&table, &a)))
+            }
+            None => Ok(error(StatusCode::BAD_REQUEST, "missing ?address=")),
+        },
+        (&Method::GET, "/routes/history") => Ok(json_resp(StatusCode::OK, &history_json(ctx))),
+        (&Method::POST, "/routes/reload") => {
+            let (c, dry, by) = (Arc::clone(&ctx.control), dry_run(&req), actor(&req));
+            blocking(move || c.reload(dry, &by)).await.map(report)
+        }
+        (&Method::POST, "/routes/cutover") => {
+            let (c, dry, by) = (Arc::clone(&ctx.control), dry_run(&req), actor(&req));
+            match body_json(req).await {
+                Err(r) => Ok(r),
+                Ok(v) => match serde_json::from_value::<Change>(v) {
+                    Err(_) => Ok(error(
+                        StatusCode::BAD_REQUEST,
+                        "body must be {\"site\": S, \"to\": T} or {\"mailbox\": A, \"to\": T}",
+                    )),
+                    Ok(change) => blocking(move || c.cutover(&change, dry, &by))
+                        .await
+                        .map(report),
+                },
+            }
+        }
+        (&Method::POST, "/routes/rollback") => {
+            let (c, by) = (Arc::clone(&ctx.control), actor(&req));
+            match body_json(req).await {
+                Err(r) => Ok(r),
+                Ok(v) => {
+                    let to = v.get("version").and_then(Value::as_str).map(str::to_string);
+                    blocking(move || c.rollback(to.as_deref(), &by))
+                        .await
+                        .map(report)
+                }
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            publish_table_metrics(&ctx.control);
+            Ok(text_resp(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                prometheus().render(),
+            ))
+        }
+        (&Method::GET, "/") => Ok(text_resp(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status_page(ctx),
+        )),
+        (_, "/status" | "/lookup" | "/routes/history" | "/metrics" | "/") => {
+            Ok(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"))
+        }
+        (_, "/routes/reload" | "/routes/cutover" | "/routes/rollback") => {
+            Ok(error(StatusCode::METHOD_NOT_ALLOWED, "use POST"))
+        }
+        _ => Ok(error(StatusCode::NOT_FOUND, "no such endpoint")),
+    };
+    result.unwrap_or_else(|r| r)
+}
+
+fn report(r: Result<crate::control::ChangeReport, ControlError>) -> Resp {
+    match r {
+        Ok(rep) => json_resp(StatusCode::OK, &json!(rep)),
+        Err(e) => control_error(&e),
+    }
+}
+
+/// Gauges that describe the active table, refreshed when scraped.
+fn publish_table_metrics(control: &Control) {
+    let t = control.router().snapshot();
+    metrics::gauge!("coexist_route_table_version_info", "version" => t.version().to_string())
+        .set(1.0);
+    metrics::gauge!("coexist_route_table_mailboxes").set(t.mailbox_count() as f64);
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+pub fn status_json(ctx: &AdminCtx) -> Value {
+    let t = ctx.control.router().snapshot();
+    let targets: Vec<Value> = ctx
+        .backends
+        .targets
+        .iter()
+        .map(|tg| {
+            json!({
+                "name": tg.name,
+                "smtp": tg.servers.iter().map(|s| json!({"server": s.addr, "up": s.is_up()})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "version": t.version(),
+        "loaded_at": unix(t.loaded_at()),
+        "started_at": unix(ctx.started),
+        "source": t.source(),
+        "mailboxes": t.mailbox_count(),
+        "domains": t.domains().collect::<Vec<_>>(),
+        "sites": t.sites().collect::<Vec<_>>(),
+        "targets": targets,
+    })
+}
+
+fn history_json(ctx: &AdminCtx) -> Value {
+    let active = ctx.control.router().snapshot().version().to_string();
+    let in_memory: Vec<String> = ctx
+        .control
+        .router()
+        .history()
+        .iter()
+        .map(|t| t.version().to_string())
+        .collect();
+    let entries: Vec<Value> = ctx
+        .control
+        .history(200)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!(e);
+            v["active"] = json!(e.version == active);
+            v["in_memory"] = json!(in_memory.contains(&e.version));
+            v
+        })
+        .collect();
+    json!({ "active": active, "versions": entries })
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The human status page: rendered on the server, no script.
+fn status_page(ctx: &AdminCtx) -> String {
+    let t = ctx.control.router().snapshot();
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>coexist {v}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}\
+         .up{{color:#080}}.down{{color:#b00}}</style></head><body>\
+         <h1>coexist</h1><p>Active routing table <b id=\"version\">{v}</b> — {n} mailboxes, from {src}</p>",
+        v = t.version(),
+        n = t.mailbox_count(),
+        src = esc(t.source()),
+    );
+    h.push_str("<h2>Sites</h2><table><tr><th>site</th><th>owner</th><th>mailboxes</th></tr>");
+    for s in t.sites() {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(s.name),
+            esc(s.owner),
+            s.mailboxes
+        );
+    }
+    h.push_str("</table><h2>Targets</h2><table><tr><th>target</th><th>SMTP server</th><th>health</th></tr>");
+    for tg in &ctx.backends.targets {
+        for s in &tg.servers {
+            let (class, word) = if s.is_up() {
+                ("up", "up")
+            } else {
+                ("down", "down")
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{word}</td></tr>",
+                esc(&tg.name),
+                esc(&s.addr)
+            );
+        }
+    }
+    h.push_str("</table><h2>History</h2><table><tr><th>version</th><th>when (UTC)</th><th>by</th><th>what</th><th>moved</th></tr>");
+    for e in ctx.control.history(20) {
+        let when = crate::smtp::session::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.at));
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&e.version),
+            esc(&when),
+            esc(&e.by),
+            esc(&e.what),
+            e.moved
+        );
+    }
+    h.push_str("</table><p>Changes go through <code>coexist cutover</code>, <code>coexist rollback</code> or the admin API.</p></body></html>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("alice%40example.com"), "alice@example.com");
+        assert_eq!(percent_decode("EXAMPLE%5Cbob"), "EXAMPLE\\bob");
+        assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
+    }
+}
