@@ -392,9 +392,9 @@ impl Control {
         let kept = self.state.read_history();
         let swapped = match self.router.rollback(to) {
             Ok(s) => s,
-            Err(RollbackError::NoEarlier) if to.is_none() => {
-                // Nothing earlier in memory (e.g. after a restart): the newest kept version
-                // that differs from the active one.
+            Err(RollbackError::NoEarlier) if to.is_none() && self.router.history().len() == 1 => {
+                // Nothing changed since this process started (a restart): the version that
+                // was active before, from the kept history.
                 let active_v = active.version().to_string();
                 let Some(entry) = kept.iter().rev().find(|e| e.version != active_v) else {
                     return Err(RollbackError::NoEarlier.into());

@@ -423,6 +423,54 @@ tls_verify = false
     pub fn relay(&self) -> SocketAddr {
         self.addr(ListenerMode::Relay)
     }
+
+    pub fn routes_path(&self) -> PathBuf {
+        self.dir.path().join("routes.toml")
+    }
+
+    /// Calls the admin API; returns the status and the JSON body.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        admin_call(self.running.admin_addr, None, method, path, body).await
+    }
+}
+
+/// One admin API call with an optional bearer token.
+pub async fn admin_call(
+    addr: SocketAddr,
+    token: Option<String>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://{addr}{path}");
+    let method = method.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::request(&method, &url);
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let r = match resp {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("admin API unreachable: {e}"),
+        };
+        let status = r.status();
+        let text = r.into_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    })
+    .await
+    .unwrap()
 }
 
 /// A plain line client for exact protocol tests.
