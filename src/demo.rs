@@ -218,6 +218,8 @@ async fn demo_server(listener: TcpListener, name: String) {
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
+        // One write per reply: NODELAY keeps pipelined replies from waiting on a delayed ACK.
+        let _ = stream.set_nodelay(true);
         let name = Arc::clone(&name);
         tokio::spawn(async move {
             let _ = demo_session(stream, &name).await;

@@ -386,7 +386,7 @@ async fn zero_failed_sessions_while_cutting_over_and_back_100_times() {
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut by_side = [(&o, "old"), (&n, "new")];
     for (msgs, side) in &mut by_side {
-        for m in msgs.iter() {
+        for m in msgs.as_slice() {
             let text = m.body_text();
             let id = text
                 .lines()

@@ -104,6 +104,9 @@ impl Backend {
                 let Ok((s, _)) = listener.accept().await else {
                     return;
                 };
+                // Replies are written one by one: without NODELAY the second reply to a
+                // pipelined MAIL+RCPT waits for the peer's delayed ACK (40 ms).
+                let _ = s.set_nodelay(true);
                 *b2.connections.lock().unwrap() += 1;
                 let (b3, beh) = (b2.clone(), Arc::clone(&beh));
                 tokio::spawn(async move {
@@ -481,6 +484,7 @@ pub struct Client<S> {
 impl Client<TcpStream> {
     pub async fn connect(addr: SocketAddr) -> Self {
         let s = TcpStream::connect(addr).await.unwrap();
+        let _ = s.set_nodelay(true);
         let mut c = Client {
             io: BufReader::new(s),
         };
