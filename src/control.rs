@@ -249,7 +249,8 @@ impl Control {
             .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))
     }
 
-    /// Installs `table`, records it, and reports.
+    /// Installs `table`, records it, and reports. The swap comes first: the diff over a
+    /// million mailboxes takes a while, and traffic should not wait for a report.
     fn apply(
         &self,
         table: RoutingTable,
@@ -257,20 +258,18 @@ impl Control {
         by: &str,
         dry_run: bool,
     ) -> Result<ChangeReport, ControlError> {
-        let active = self.router.snapshot();
-        let diff = TableDiff::between(&active, &table, Some(REPORT_LIMIT));
         if dry_run {
+            let active = self.router.snapshot();
             return Ok(ChangeReport {
                 applied: false,
                 what,
                 from: active.version(),
                 to: table.version(),
-                diff,
+                diff: TableDiff::between(&active, &table, Some(REPORT_LIMIT)),
             });
         }
         let swapped = self.router.swap(table);
-        let mut diff = diff;
-        diff.to = swapped.active.version();
+        let diff = TableDiff::between(&swapped.previous, &swapped.active, Some(REPORT_LIMIT));
         metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
         tracing::info!(old = %swapped.previous.version(), new = %swapped.active.version(), %what, %by, moved = diff.moved_total, "routing table swapped");
         self.state
