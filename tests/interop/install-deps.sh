@@ -6,6 +6,7 @@
 #               Recommends of swaks but is what gives it STARTTLS (-tls)
 #   openssl  -> self-signed certificate for the proxy's STARTTLS
 #   python3  -> raw-socket client for the bare-LF smuggling scenario
+#   chromium -> headless browser for the admin status page check (status-page.sh)
 #
 # Idempotent: when everything is already installed it does no apt work at all.
 # The system Postfix is never configured ("No configuration") and never left
@@ -18,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-PKGS="postfix swaks libnet-ssleay-perl openssl python3 procps iproute2"
+PKGS="postfix swaks libnet-ssleay-perl openssl python3 procps iproute2 chromium"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -70,7 +71,7 @@ else
 fi
 
 # Sanity check: the binaries run.sh needs.
-for b in /usr/sbin/smtp-sink /usr/sbin/postfix /usr/lib/postfix/sbin/master swaks openssl python3; do
+for b in /usr/sbin/smtp-sink /usr/sbin/postfix /usr/lib/postfix/sbin/master swaks openssl python3 chromium; do
   command -v "$b" >/dev/null 2>&1 || [ -x "$b" ] || { echo "install-deps.sh: MISSING $b after install" >&2; exit 1; }
 done
 swaks --support 2>&1 | grep -q '=== TLS supported' || { echo "install-deps.sh: swaks has no TLS support (Net::SSLeay)" >&2; exit 1; }
