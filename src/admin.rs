@@ -45,6 +45,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 pub struct AdminCtx {
     pub control: Arc<Control>,
+    pub traffic: Arc<crate::traffic::Traffic>,
     pub backends: Arc<Backends>,
     pub token: Option<String>,
     pub ready: AtomicBool,
@@ -369,7 +370,7 @@ fn history_json(ctx: &AdminCtx) -> Value {
     json!({ "active": active, "versions": entries })
 }
 
-fn esc(s: &str) -> String {
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -399,6 +400,18 @@ fn status_page(ctx: &AdminCtx) -> String {
             esc(s.name),
             esc(s.owner),
             s.mailboxes
+        );
+    }
+    h.push_str("</table><h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>");
+    h.push_str(&ctx.traffic.svg());
+    let (_, per_site) = ctx.traffic.snapshot();
+    h.push_str("<table><tr><th>target</th><th>site</th><th>recipients (30 min)</th></tr>");
+    for ((target, site), n) in &per_site {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>",
+            esc(target),
+            esc(site)
         );
     }
     h.push_str("</table><h2>Targets</h2><table><tr><th>target</th><th>SMTP server</th><th>health</th></tr>");

@@ -97,6 +97,7 @@ impl Running {
             smtp.limits.max_connections,
             smtp.limits.max_connections_per_ip,
         );
+        let traffic = Arc::new(crate::traffic::Traffic::default());
         let mut smtp_addrs = Vec::new();
         for l in &smtp.listeners {
             let listener = TcpListener::bind(l.listen)
@@ -118,6 +119,7 @@ impl Running {
                 router: Arc::clone(&router),
                 backends: Arc::clone(&backends),
                 tls: tls.clone(),
+                traffic: Arc::clone(&traffic),
             });
             let implicit = l.mode == ListenerMode::Submissions;
             tokio::spawn(run_smtp(
@@ -155,6 +157,7 @@ impl Running {
             })?;
         let admin_ctx = Arc::new(AdminCtx {
             control: Arc::clone(&control),
+            traffic,
             backends: Arc::clone(&backends),
             token,
             ready: std::sync::atomic::AtomicBool::new(false),

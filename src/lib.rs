@@ -26,3 +26,4 @@ pub mod listener;
 pub mod route;
 pub mod smtp;
 pub mod tls;
+pub mod traffic;

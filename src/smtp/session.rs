@@ -51,6 +51,7 @@ pub struct SessionCtx {
     pub router: Arc<Router>,
     pub backends: Arc<Backends>,
     pub tls: Option<TlsAcceptor>,
+    pub traffic: Arc<crate::traffic::Traffic>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -508,6 +509,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "rejected"
         };
         count_rcpt(&target.name, &site, result);
+        if reply.is_positive() {
+            self.ctx.traffic.record(&target.name, &site);
+        }
         tracing::info!(
             peer = %self.peer, from = %txn.from.address, rcpt = %to.address,
             target = %target.name, site = %site, reply = %reply,
