@@ -942,7 +942,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .filter(|p| p.live())
                 .map(|p| async move {
                     let conn = p.conn.as_mut().expect("live part has a connection");
+                    let started = std::time::Instant::now();
                     let r = conn.read_final(final_timeout).await;
+                    // How long each target takes to take responsibility for a message.
+                    metrics::histogram!("coexist_smtp_final_reply_seconds", "target" => p.target.name.clone())
+                        .record(started.elapsed().as_secs_f64());
                     (p, r)
                 }),
         )
