@@ -618,3 +618,35 @@ async fn a_dead_server_fails_over_to_the_next() {
     assert!(!target.servers[0].is_up(), "the dead server is marked down");
     assert!(target.servers[1].is_up());
 }
+
+#[tokio::test]
+async fn a_client_that_vanishes_mid_data_delivers_nothing() {
+    let (old, _new, p) = setup().await;
+    let closed_before = *old.closed.lock().unwrap();
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.send(b"Subject: half\r\n\r\nhalf a message").await;
+    drop(c);
+    // The backend connection is cut at once (not sent an RSET that it would take as text).
+    let mut closed = false;
+    for _ in 0..200 {
+        if *old.closed.lock().unwrap() > closed_before {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(closed, "the backend connection in DATA was not closed");
+    assert!(!old.commands.lock().unwrap().iter().any(|c| c == "RSET"));
+    // And the next message goes through on a fresh connection.
+    relay_client(&p)
+        .send(message(&["bob@example.com"], "after"))
+        .await
+        .unwrap();
+    let m = old.wait_for(1).await;
+    assert_eq!(m.len(), 1);
+    assert!(m[0].body_text().contains("Subject: after"));
+}

@@ -74,6 +74,9 @@ struct Part {
     pinned: bool,
     /// The backend gave its final reply to the message: ready for a new MAIL as it is.
     done: bool,
+    /// DATA was sent and no final reply read yet: the backend is reading message text, so
+    /// the only safe way out is to drop the connection (an RSET would become message text).
+    in_data: bool,
 }
 
 impl Part {
@@ -531,6 +534,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             accepted: Vec::new(),
             pinned: false,
             done: false,
+            in_data: false,
         };
         let from = &self.txn.as_ref().expect("in a transaction").from;
         if let Some(auth) = self.auth.as_mut() {
@@ -655,8 +659,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }))
         .await;
         for (p, r) in sent {
-            if r.is_err() {
-                p.fail(codes::target_unavailable());
+            match r {
+                Ok(()) => p.in_data = true,
+                Err(_) => p.fail(codes::target_unavailable()),
             }
         }
         Ok(())
@@ -676,7 +681,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         for (p, r) in replies {
             match r {
                 Ok(r) if r.code == 354 => {}
-                Ok(r) => p.fail(r),
+                Ok(r) => {
+                    // Refused DATA: the server is back in command state.
+                    p.in_data = false;
+                    p.failed = Some(r);
+                }
                 Err(_) => p.fail(codes::target_unavailable()),
             }
         }
@@ -956,10 +965,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match r {
                 Ok(r) if r.is_positive() => {
                     p.done = true;
+                    p.in_data = false;
                     accepted.push((p.target.name.clone(), r));
                 }
                 Ok(r) => {
                     p.done = true;
+                    p.in_data = false;
                     p.failed = Some(r);
                 }
                 Err(e) => {
@@ -1021,7 +1032,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let Some(mut conn) = p.conn.take() else {
                 continue;
             };
-            if conn.broken || (!p.done && !conn.rset().await) {
+            if conn.broken || p.in_data || (!p.done && !conn.rset().await) {
                 continue;
             }
             if p.pinned {

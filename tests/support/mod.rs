@@ -85,6 +85,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub received: Arc<Mutex<Vec<Received>>>,
     pub connections: Arc<Mutex<u32>>,
+    /// Connections that have ended (closed by either side).
+    pub closed: Arc<Mutex<u32>>,
     pub commands: Arc<Mutex<Vec<String>>>,
 }
 
@@ -95,6 +97,7 @@ impl Backend {
             addr: listener.local_addr().unwrap(),
             received: Arc::default(),
             connections: Arc::default(),
+            closed: Arc::default(),
             commands: Arc::default(),
         };
         let b2 = b.clone();
@@ -110,7 +113,9 @@ impl Backend {
                 *b2.connections.lock().unwrap() += 1;
                 let (b3, beh) = (b2.clone(), Arc::clone(&beh));
                 tokio::spawn(async move {
+                    let closed = Arc::clone(&b3.closed);
                     let _ = serve_backend(s, b3, beh).await;
+                    *closed.lock().unwrap() += 1;
                 });
             }
         });
