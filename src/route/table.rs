@@ -595,6 +595,7 @@ pub struct TableBuilder {
     guid_index: hashbrown::HashMap<u128, u32, RandomState>,
     hasher: RandomState,
     source: String,
+    recent_domains: Vec<(String, u32)>,
     /// `[owners]`: canonical address → (owner, where it was written, used yet).
     owner_overrides: HashMap<String, (TargetId, Origin, bool), RandomState>,
 }
@@ -626,6 +627,7 @@ impl TableBuilder {
             hasher: RandomState::default(),
             source: String::new(),
             owner_overrides: HashMap::default(),
+            recent_domains: Vec::new(),
         }
     }
 
@@ -792,35 +794,49 @@ impl TableBuilder {
         });
     }
 
+    /// The routed domain a source wrote, canonical, with its index. Sources list thousands
+    /// of addresses per domain in a row, so the last answer is kept.
+    fn routed_domain(&mut self, raw: &str) -> Result<u32, String> {
+        if let Some((_, d)) = self.recent_domains.iter().find(|(r, _)| r.as_str() == raw) {
+            return Ok(*d);
+        }
+        let canon = canonical_domain(raw).map_err(|e| e.to_string())?;
+        let Some(&d) = self.domain_index.get(canon.as_bytes()) else {
+            return Err(format!(
+                "domain {canon:?} is not routed (add [domains.\"{canon}\"])"
+            ));
+        };
+        if self.recent_domains.len() == 8 {
+            self.recent_domains.remove(0);
+        }
+        self.recent_domains.push((raw.to_string(), d));
+        Ok(d)
+    }
+
     /// Normalises an address straight into the arena (no temporary string) after checking
     /// that its domain is routed.
     fn push_address(&mut self, file: u16, f: Field<'_>, what: &str) -> Option<Span> {
         let text = f.text.trim();
         let problem = match split_address(text) {
             Err(_) => Err("not an address (missing '@')".to_string()),
-            Ok((local, domain)) => match (check_local(local), canonical_domain(domain)) {
-                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
-                (Ok(()), Ok(domain)) => match self.domain_index.get(domain.as_bytes()) {
-                    None => Err(format!(
-                        "domain {domain:?} is not routed (add [domains.\"{domain}\"])"
-                    )),
-                    Some(&d) => {
-                        let keep_case = self.domains[d as usize].policy.case_sensitive
-                            || local.starts_with('"');
-                        let off = self.arena.len();
-                        if keep_case {
-                            self.arena.push_str(local);
-                        } else if local.is_ascii() {
-                            self.arena.push_str(local);
-                            self.arena[off..].make_ascii_lowercase();
-                        } else {
-                            self.arena.push_str(&local.to_lowercase());
-                        }
-                        self.arena.push('@');
-                        self.arena.push_str(&domain);
-                        Ok(off)
+            Ok((local, domain)) => match check_local(local).map_err(|e| e.to_string()) {
+                Err(e) => Err(e),
+                Ok(()) => self.routed_domain(domain).map(|d| {
+                    let rec = &self.domains[d as usize];
+                    let keep_case = rec.policy.case_sensitive || local.starts_with('"');
+                    let off = self.arena.len();
+                    if keep_case {
+                        self.arena.push_str(local);
+                    } else if local.is_ascii() {
+                        self.arena.push_str(local);
+                        self.arena[off..].make_ascii_lowercase();
+                    } else {
+                        self.arena.push_str(&local.to_lowercase());
                     }
-                },
+                    self.arena.push('@');
+                    self.arena.push_str(&rec.name);
+                    off
+                }),
             },
         };
         match problem {
