@@ -650,3 +650,44 @@ async fn a_client_that_vanishes_mid_data_delivers_nothing() {
     assert_eq!(m.len(), 1);
     assert!(m[0].body_text().contains("Subject: after"));
 }
+
+#[tokio::test]
+async fn dsn_parameters_pass_through_xtext_encoded_and_limits_hold() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "max_recipients = 2", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    let ehlo = c.expect("EHLO client.test", "250").await;
+    assert!(ehlo.contains("DSN"), "{ehlo}");
+    c.expect(
+        "MAIL FROM:<a@internet.example> RET=HDRS ENVID=id+2Bone",
+        "250",
+    )
+    .await;
+    c.expect(
+        "RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+2BX@example.com",
+        "250",
+    )
+    .await;
+    c.expect("RCPT TO:<nobody@example.com>", "250").await;
+    // The third recipient is over the limit.
+    let r = c.expect("RCPT TO:<carol@example.org>", "452").await;
+    assert!(r.contains("4.5.3"), "{r}");
+    c.expect("DATA", "354").await;
+    c.expect("Subject: dsn\r\n\r\nhi\r\n.", "250").await;
+    assert_eq!(
+        old.wait_for(1).await[0].rcpts,
+        ["bob@example.com", "nobody@example.com"]
+    );
+    let cmds = old.commands.lock().unwrap().clone();
+    assert!(
+        cmds.iter()
+            .any(|c| c == "MAIL FROM:<a@internet.example> RET=HDRS ENVID=id+2Bone"),
+        "{cmds:?}"
+    );
+    assert!(
+        cmds.iter().any(|c| c
+            == "RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+2BX@example.com"),
+        "{cmds:?}"
+    );
+}
