@@ -45,6 +45,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 pub struct AdminCtx {
     pub control: Arc<Control>,
+    pub spool: Arc<crate::spool::Spool>,
     pub traffic: Arc<crate::traffic::Traffic>,
     pub backends: Arc<Backends>,
     pub token: Option<String>,
@@ -276,6 +277,39 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
                     blocking(move || c.rollback(to.as_deref(), &by))
                         .await
                         .map(report)
+                }
+            }
+        }
+        (&Method::GET, "/queue") => Ok(json_resp(
+            StatusCode::OK,
+            &json!({ "messages": ctx.spool.list() }),
+        )),
+        (&Method::GET, p) if p.starts_with("/queue/") => match ctx.spool.get(&p["/queue/".len()..])
+        {
+            Ok(e) => Ok(json_resp(StatusCode::OK, &json!(e))),
+            Err(e) => Ok(error(StatusCode::NOT_FOUND, &e.to_string())),
+        },
+        (&Method::POST, "/queue/retry" | "/queue/delete") => {
+            let delete = path == "/queue/delete";
+            let spool = Arc::clone(&ctx.spool);
+            match body_json(req).await {
+                Err(r) => Ok(r),
+                Ok(v) => {
+                    let id = v.get("id").and_then(Value::as_str).map(str::to_string);
+                    let r = blocking(move || match (delete, id) {
+                        (true, Some(id)) => spool.delete(&id).map(|()| json!({"deleted": id})),
+                        (true, None) => {
+                            Err(crate::spool::SpoolError::NotFound("(no id given)".into()))
+                        }
+                        (false, id) => spool
+                            .retry_now(id.as_deref())
+                            .map(|n| json!({"due_now": n})),
+                    })
+                    .await;
+                    r.map(|x| match x {
+                        Ok(v) => json_resp(StatusCode::OK, &v),
+                        Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+                    })
                 }
             }
         }

@@ -24,6 +24,8 @@ pub enum AppError {
     Routes(Diagnostics),
     #[error(transparent)]
     Control(ControlError),
+    #[error(transparent)]
+    Spool(crate::spool::SpoolError),
     #[error("admin token file {path}: {source}")]
     Token {
         path: std::path::PathBuf,
@@ -41,6 +43,7 @@ pub enum AppError {
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,
+    pub spool: Arc<crate::spool::Spool>,
     pub control: Arc<Control>,
     pub backends: Arc<Backends>,
     /// The SMTP listeners' addresses, in config order (port 0 resolved).
@@ -98,6 +101,13 @@ impl Running {
             smtp.limits.max_connections_per_ip,
         );
         let traffic = Arc::new(crate::traffic::Traffic::default());
+        // Opened before the listeners: what a crash left acknowledged is delivered first.
+        let spool = crate::spool::Spool::open(config.spool.clone()).map_err(AppError::Spool)?;
+        tokio::spawn(Arc::clone(&spool).run(
+            Arc::clone(&router),
+            Arc::clone(&backends),
+            shutdown_rx.clone(),
+        ));
         let mut smtp_addrs = Vec::new();
         for l in &smtp.listeners {
             let listener = TcpListener::bind(l.listen)
@@ -120,6 +130,7 @@ impl Running {
                 backends: Arc::clone(&backends),
                 tls: tls.clone(),
                 traffic: Arc::clone(&traffic),
+                spool: Some(Arc::clone(&spool)),
             });
             let implicit = l.mode == ListenerMode::Submissions;
             tokio::spawn(run_smtp(
@@ -157,6 +168,7 @@ impl Running {
             })?;
         let admin_ctx = Arc::new(AdminCtx {
             control: Arc::clone(&control),
+            spool: Arc::clone(&spool),
             traffic,
             backends: Arc::clone(&backends),
             token,
@@ -174,6 +186,7 @@ impl Running {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Running {
             router,
+            spool,
             control,
             backends,
             smtp_addrs,

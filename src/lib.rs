@@ -25,5 +25,6 @@ pub mod demo;
 pub mod listener;
 pub mod route;
 pub mod smtp;
+pub mod spool;
 pub mod tls;
 pub mod traffic;

@@ -95,11 +95,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The spool: split deliveries that a target has not taken yet.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+        #[arg(short, long, default_value = DEFAULT_CONFIG, global = true)]
+        config: PathBuf,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Routing table operations.
     Routes {
         #[command(subcommand)]
         command: RoutesCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Every spooled message: id, age, sender, recipients left, last error.
+    List,
+    /// One spooled message in full.
+    Show { id: String },
+    /// Make one message (or all) due now.
+    Retry { id: Option<String> },
+    /// Remove a message from the spool without delivering it.
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +213,11 @@ fn main() -> ExitCode {
             admin_change(&config, &format!("/routes/reload{q}"), &json!({}), json)
         }
         Command::Status { config, json } => status(&config, json),
+        Command::Queue {
+            command,
+            config,
+            json,
+        } => queue(&config, &command, json),
         Command::Lookup {
             config,
             json,
@@ -376,6 +402,51 @@ fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool)
     let diff: TableDiff =
         serde_json::from_value(v["diff"].clone()).context("reading the diff from the admin API")?;
     print!("{diff}");
+    Ok(())
+}
+
+fn queue(config: &Path, command: &QueueCommand, json: bool) -> Result<()> {
+    let client = AdminClient::from_config(config)?;
+    let v = match command {
+        QueueCommand::List => client.call("GET", "/queue", None)?,
+        QueueCommand::Show { id } => client.call("GET", &format!("/queue/{id}"), None)?,
+        QueueCommand::Retry { id } => client.call(
+            "POST",
+            "/queue/retry",
+            Some(&id.as_ref().map_or_else(|| json!({}), |i| json!({"id": i}))),
+        )?,
+        QueueCommand::Delete { id } => {
+            client.call("POST", "/queue/delete", Some(&json!({"id": id})))?
+        }
+    };
+    if json || !matches!(command, QueueCommand::List) {
+        println!("{v:#}");
+        return Ok(());
+    }
+    let msgs = v["messages"].as_array().cloned().unwrap_or_default();
+    if msgs.is_empty() {
+        println!("the spool is empty");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for m in msgs {
+        let rcpts: Vec<&str> = m["rcpts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["address"].as_str())
+            .collect();
+        println!(
+            "{}  age {}s  attempts {}  from <{}>  to {}  last error: {}",
+            m["id"].as_str().unwrap_or("?"),
+            now.saturating_sub(m["created"].as_u64().unwrap_or(now)),
+            m["attempts"],
+            m["from"].as_str().unwrap_or(""),
+            rcpts.join(", "),
+            m["last_error"].as_str().unwrap_or("")
+        );
+    }
     Ok(())
 }
 

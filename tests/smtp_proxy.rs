@@ -691,3 +691,85 @@ async fn dsn_parameters_pass_through_xtext_encoded_and_limits_hold() {
         "{cmds:?}"
     );
 }
+
+#[tokio::test]
+async fn a_split_delivery_is_spooled_and_delivered_once_later() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour {
+        tempfail_data: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    // NEW tempfails this message; OLD takes it. The client gets 250: the rest is on disk.
+    let r = c
+        .cmd("Message-ID: <split@test>\r\nSubject: split\r\n\r\n.dot line\r\nhi\r\n.")
+        .await;
+    assert!(
+        r.starts_with("250 2.0.0 Message accepted for delivery (1 recipient(s) queued as "),
+        "{r}"
+    );
+    assert_eq!(old.wait_for(1).await.len(), 1);
+    let queued = p.running.spool.list();
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].rcpts[0].address, "alice@example.com");
+    // The retry worker delivers it to alice's owner once NEW takes mail again.
+    let n = new.wait_for(1).await;
+    assert_eq!(n.len(), 1, "spooled part delivered");
+    assert_eq!(n[0].rcpts, ["alice@example.com"]);
+    assert_eq!(n[0].from, "<a@internet.example>");
+    assert_eq!(
+        n[0].data,
+        old.messages()[0].data,
+        "same content on both sides"
+    );
+    for _ in 0..100 {
+        if p.running.spool.list().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(p.running.spool.list().is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(new.messages().len(), 1, "delivered exactly once");
+    assert_eq!(old.messages().len(), 1);
+}
+
+#[tokio::test]
+async fn the_spool_survives_a_restart() {
+    use coexist::app::Running;
+    let old = Backend::start(Behaviour::default()).await;
+    // NEW refuses the original DATA and the first retries.
+    let new = Backend::start(Behaviour {
+        tempfail_data: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let cfg = p.dir.path().join("coexist.toml");
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: restart\r\n\r\nhi\r\n.", "250").await;
+    // Stop at once, before the first retry is due.
+    let Proxy { running, dir, .. } = p;
+    assert_eq!(running.spool.list().len(), 1);
+    running.shutdown(std::time::Duration::from_secs(2)).await;
+    assert!(new.messages().is_empty());
+    let running = Running::start(coexist::config::Config::load(&cfg).unwrap())
+        .await
+        .unwrap();
+    let n = new.wait_for(1).await;
+    assert_eq!(n.len(), 1, "delivered from the spool after the restart");
+    assert_eq!(n[0].rcpts, ["alice@example.com"]);
+    drop((running, dir));
+}

@@ -31,7 +31,22 @@ struct RawConfig {
     #[serde(default)]
     https: Option<toml::Value>,
     #[serde(default)]
+    spool: RawSpool,
+    #[serde(default)]
     targets: IndexMap<String, Spanned<RawTarget>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpool {
+    #[serde(default)]
+    dir: Option<String>,
+    #[serde(default)]
+    max_age_hours: Option<u64>,
+    #[serde(default)]
+    retry_initial_secs: Option<u64>,
+    #[serde(default)]
+    retry_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +143,7 @@ pub struct Config {
     pub routes: RoutesConfig,
     pub admin: AdminConfig,
     pub smtp: SmtpConfig,
+    pub spool: crate::spool::SpoolSettings,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -548,6 +564,14 @@ impl Config {
             },
             admin,
             smtp,
+            spool: crate::spool::SpoolSettings {
+                dir: rel(raw.spool.dir.as_deref().unwrap_or("spool")),
+                max_age: Duration::from_secs(raw.spool.max_age_hours.unwrap_or(120).max(1) * 3600),
+                retry_initial: Duration::from_secs(
+                    raw.spool.retry_initial_secs.unwrap_or(60).max(1),
+                ),
+                retry_max: Duration::from_secs(raw.spool.retry_max_secs.unwrap_or(3600).max(1)),
+            },
             targets,
         })
     }

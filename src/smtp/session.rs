@@ -52,6 +52,8 @@ pub struct SessionCtx {
     pub backends: Arc<Backends>,
     pub tls: Option<TlsAcceptor>,
     pub traffic: Arc<crate::traffic::Traffic>,
+    /// Where the parts of split deliveries that a target did not take yet go.
+    pub spool: Option<Arc<crate::spool::Spool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +71,7 @@ struct Part {
     conn: Option<BackendConn>,
     /// Set when the backend transaction failed; recipients for this target get this reply.
     failed: Option<Reply>,
-    accepted: Vec<String>,
+    accepted: Vec<RcptTo<String>>,
     /// The authenticated submission connection (not pooled; goes back to the session).
     pinned: bool,
     /// The backend gave its final reply to the message: ready for a new MAIL as it is.
@@ -101,6 +103,9 @@ struct Txn {
     bdat: Option<DataScanner>,
     /// A BDAT failed: the rest of the transaction's chunks are read and discarded.
     bdat_failed: Option<Reply>,
+    /// A copy of the content, when the message goes to more than one target: what the
+    /// spool keeps if only some of them take it.
+    spool: Option<crate::spool::SpoolWriter>,
 }
 
 /// The authenticated login of a submission session and its backend connection.
@@ -406,6 +411,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             rcpts: 0,
             bdat: None,
             bdat_failed: None,
+            spool: None,
         });
         self.reply(&codes::sender_ok());
     }
@@ -502,7 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let txn = self.txn.as_mut().expect("checked above");
         let part = &mut txn.parts[idx];
         if reply.is_positive() {
-            part.accepted.push(to.address.clone());
+            part.accepted.push(to.clone());
         }
         let result = if reply.is_positive() {
             "accepted"
@@ -644,6 +650,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ))
     }
 
+    /// Starts the spool copy of the content when more than one target takes part.
+    fn start_spool_copy(&mut self) {
+        let Some(spool) = self.ctx.spool.clone() else {
+            return;
+        };
+        let Some(txn) = self.txn.as_mut() else { return };
+        if txn.parts.iter().filter(|p| p.live()).count() > 1 {
+            txn.spool = spool.writer();
+        }
+    }
+
+    fn spool_copy(&mut self, bytes: &[u8]) {
+        if let Some(w) = self.txn.as_mut().and_then(|t| t.spool.as_mut()) {
+            w.write(bytes);
+        }
+    }
+
     /// Writes DATA to every part with recipients, without waiting for the replies.
     async fn send_data_commands(&mut self) -> Result<(), Reply> {
         let Some(txn) = self.txn.as_mut() else {
@@ -772,6 +795,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&codes::start_data());
         self.flush().await?;
         self.await_data_replies().await;
+        self.start_spool_copy();
         let mut scanner = DataScanner::new(Mode::Dot, self.data_limits());
         let mut out = Vec::with_capacity(64 * 1024);
         if self.ctx.add_received {
@@ -781,6 +805,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let end = scanner.feed(self.io.buffered(), &mut out);
             let consumed = end.unwrap_or(self.io.buffered().len());
             self.io.consume(consumed);
+            self.spool_copy(&out);
             if end.is_some() && scanner.violation().is_none() {
                 // The end of data goes out with the last bytes: one write, one segment.
                 out.extend_from_slice(b".\r\n");
@@ -824,8 +849,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if problem.is_none() && self.txn.as_ref().is_some_and(|t| t.bdat.is_none()) {
             match self.start_backend_data().await {
                 Ok(()) => {
+                    self.start_spool_copy();
                     if self.ctx.add_received {
                         let header = self.received_header();
+                        self.spool_copy(&header);
                         self.forward(&header).await;
                     }
                     let sc = DataScanner::new(Mode::Raw, self.data_limits());
@@ -860,6 +887,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.io.consume(n);
             left -= n;
             if !out.is_empty() {
+                self.spool_copy(&out);
                 self.forward(&out).await;
                 out.clear();
             }
@@ -879,12 +907,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !last {
             sc.flush(&mut out);
             if !out.is_empty() {
+                self.spool_copy(&out);
                 self.forward(&out).await;
             }
             return Ok(Some(codes::ok(&format!("{size} octets received"))));
         }
         sc.finish_raw(&mut out);
         let violation = sc.violation();
+        self.spool_copy(&out);
         if violation.is_none() {
             out.extend_from_slice(b".\r\n");
         }
@@ -1006,10 +1036,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         } else if accepted.is_empty() {
             combine_failures(failed.into_iter())
+        } else if let Some(queued) = self.spool_rest(&accepted) {
+            queued
         } else {
-            // Some targets hold the message, others do not. Without a spool the only safe
-            // answer is a temporary failure: the client retries and the accepting side gets
-            // a duplicate, which is better than a loss.
+            // Some targets hold the message, others do not, and the rest cannot be spooled
+            // (a permanent refusal, or the spool failed): a temporary failure is the only
+            // safe answer; the client retries and the accepting side gets a duplicate,
+            // which is better than a loss.
             metrics::counter!("coexist_smtp_partial_duplicate_risk_total").increment(1);
             tracing::warn!(
                 accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
@@ -1020,6 +1053,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         tracing::info!(peer = %self.peer, reply = %reply, "message");
         self.end_txn().await;
         reply
+    }
+
+    /// Some targets took the message and the others failed temporarily: the rest goes to
+    /// the spool, durably, and the client may be told 250. `None` when that is not possible.
+    fn spool_rest(&mut self, accepted: &[(String, Reply)]) -> Option<Reply> {
+        let txn = self.txn.as_mut()?;
+        let failed: Vec<&Part> = txn
+            .parts
+            .iter()
+            .filter(|p| !p.accepted.is_empty() && p.failed.is_some())
+            .collect();
+        if failed
+            .iter()
+            .any(|p| p.failed.as_ref().is_some_and(Reply::is_permanent))
+        {
+            return None;
+        }
+        let spool = self.ctx.spool.as_ref()?;
+        let writer = txn.spool.take()?;
+        let rcpts: Vec<crate::spool::SpooledRcpt> = failed
+            .iter()
+            .flat_map(|p| p.accepted.iter().map(crate::spool::SpooledRcpt::from))
+            .collect();
+        let why: Vec<String> = failed
+            .iter()
+            .filter_map(|p| p.failed.as_ref().map(|r| format!("{}: {r}", p.target.name)))
+            .collect();
+        let n = rcpts.len();
+        match spool.commit(writer, &txn.from, rcpts, &why.join("; ")) {
+            Ok(id) => {
+                tracing::info!(
+                    id = %id, queued = n,
+                    accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                    "split delivery: the rest is spooled"
+                );
+                metrics::counter!("coexist_smtp_spooled_total").increment(1);
+                Some(codes::ok(&format!(
+                    "Message accepted for delivery ({n} recipient(s) queued as {id})"
+                )))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "spool commit failed");
+                None
+            }
+        }
     }
 
     /// Ends the transaction: connections go back to the pool (or to the session, when
@@ -1309,7 +1387,10 @@ pub fn xtext(s: &str) -> String {
 }
 
 /// Rebuilds MAIL FROM for a backend with the parameters it supports.
-fn mail_line(from: &MailFrom<String>, caps: &super::backend::Caps) -> Result<String, Reply> {
+pub(crate) fn mail_line(
+    from: &MailFrom<String>,
+    caps: &super::backend::Caps,
+) -> Result<String, Reply> {
     let mut line = format!("MAIL FROM:<{}>", from.address);
     if from.flags & MAIL_SMTPUTF8 != 0 {
         if !caps.smtputf8 {
@@ -1340,7 +1421,7 @@ fn mail_line(from: &MailFrom<String>, caps: &super::backend::Caps) -> Result<Str
     Ok(line)
 }
 
-fn rcpt_line(to: &RcptTo<String>, dsn: bool) -> String {
+pub(crate) fn rcpt_line(to: &RcptTo<String>, dsn: bool) -> String {
     let mut line = format!("RCPT TO:<{}>", to.address);
     if dsn {
         let mut notify = Vec::new();

@@ -78,6 +78,8 @@ pub struct Behaviour {
     pub close_mid_data: Option<usize>,
     /// Offer XCLIENT (Postfix) and answer it with a new greeting.
     pub xclient: bool,
+    /// Answer this many end-of-DATA with `451 4.3.0` before accepting again.
+    pub tempfail_data: Arc<std::sync::atomic::AtomicU32>,
 }
 
 #[derive(Clone)]
@@ -266,10 +268,21 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(None);
                 }
             }
-            let r = beh
-                .data_reply
-                .clone()
-                .unwrap_or_else(|| "250 2.0.0 Ok: queued as TEST123".into());
+            let tempfail = beh
+                .tempfail_data
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok();
+            let r = if tempfail {
+                "451 4.3.0 Try again later".to_string()
+            } else {
+                beh.data_reply
+                    .clone()
+                    .unwrap_or_else(|| "250 2.0.0 Ok: queued as TEST123".into())
+            };
             if r.starts_with('2') {
                 b.received.lock().unwrap().push(Received {
                     from: st.from.clone().unwrap_or_default(),
@@ -410,6 +423,8 @@ tls_verify = false
 smtp = [{new}]
 tls_verify = false
 {target_extra}
+[spool]
+retry_initial_secs = 1
 "#
         );
         let path = dir.path().join("coexist.toml");

@@ -1,0 +1,554 @@
+//! The durable spool: the part of a split delivery that a target did not take yet.
+//!
+//! When a message goes to several targets and some accept it while others fail temporarily,
+//! the client must get one answer. Answering 4xx would make the client send it again, and
+//! the targets that accepted would get it twice; answering 250 is only honest if the rest
+//! is safe on disk. So the session writes the message content to a spool file while it
+//! streams it (only for messages with more than one target), and on such a partial
+//! failure it commits an entry — envelope and content, fsync'd, renamed into `queue/`,
+//! directory fsync'd — before it answers 250. A retry worker then delivers each spooled
+//! recipient to its owner *at retry time* (the table may have changed), with backoff and
+//! jitter, until it is accepted, refused for good, or expires.
+//!
+//! Layout: `tmp/` (content being written; anything left there after a crash was never
+//! acknowledged and is removed on start), `queue/ID.eml` (dot-stuffed content, as DATA
+//! sends it) and `queue/ID.json` (the entry). The JSON is written last: an `.eml` without its
+//! `.json` is an interrupted commit and is removed on start.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use smtp_proto::{MailFrom, RcptTo};
+use tokio::sync::watch;
+
+use crate::route::Router;
+use crate::smtp::backend::Backends;
+
+/// How the spool retries.
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    pub max_age: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
+/// A spooled recipient, as its RCPT carried it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SpooledRcpt {
+    pub address: String,
+    #[serde(default)]
+    pub notify: u64,
+    #[serde(default)]
+    pub orcpt: Option<String>,
+}
+
+/// One spooled message and the recipients still to deliver.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: String,
+    pub from: String,
+    pub mail_flags: u64,
+    pub size: usize,
+    #[serde(default)]
+    pub env_id: Option<String>,
+    pub rcpts: Vec<SpooledRcpt>,
+    /// Unix seconds.
+    pub created: u64,
+    pub attempts: u32,
+    pub next_attempt: u64,
+    #[serde(default)]
+    pub last_error: String,
+}
+
+impl Entry {
+    pub fn mail_from(&self) -> MailFrom<String> {
+        MailFrom {
+            address: self.from.clone(),
+            flags: self.mail_flags,
+            size: self.size,
+            env_id: self.env_id.clone(),
+            ..MailFrom::default()
+        }
+    }
+}
+
+impl From<&RcptTo<String>> for SpooledRcpt {
+    fn from(r: &RcptTo<String>) -> Self {
+        Self {
+            address: r.address.clone(),
+            notify: r.flags,
+            orcpt: r.orcpt.clone(),
+        }
+    }
+}
+
+impl SpooledRcpt {
+    pub fn rcpt_to(&self) -> RcptTo<String> {
+        RcptTo {
+            address: self.address.clone(),
+            flags: self.notify,
+            orcpt: self.orcpt.clone(),
+            ..RcptTo::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no spooled message {0}")]
+    NotFound(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn fsync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Content being written while a message streams; removed on drop unless committed.
+pub struct SpoolWriter {
+    id: String,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    failed: bool,
+}
+
+impl SpoolWriter {
+    /// Appends content; an I/O error marks the writer failed (the message then falls back
+    /// to the no-spool answer) instead of failing the delivery.
+    pub fn write(&mut self, bytes: &[u8]) {
+        if let Some(f) = self.file.as_mut()
+            && f.write_all(bytes).is_err()
+        {
+            self.failed = true;
+        }
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub struct Spool {
+    settings: SpoolSettings,
+    counter: AtomicU64,
+    /// Wakes the retry worker early (a new entry, or `queue retry`).
+    kick: watch::Sender<()>,
+}
+
+impl Spool {
+    /// Opens (creating) the spool and cleans up what a crash left unacknowledged.
+    pub fn open(settings: SpoolSettings) -> Result<Arc<Spool>, SpoolError> {
+        for d in ["tmp", "queue"] {
+            let p = settings.dir.join(d);
+            std::fs::create_dir_all(&p).map_err(io_err(&p))?;
+        }
+        let tmp = settings.dir.join("tmp");
+        for e in std::fs::read_dir(&tmp).map_err(io_err(&tmp))?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let queue = settings.dir.join("queue");
+        for e in std::fs::read_dir(&queue).map_err(io_err(&queue))?.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "eml") && !p.with_extension("json").exists() {
+                tracing::warn!(file = %p.display(), "removing content of an interrupted spool commit");
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+        let (kick, _) = watch::channel(());
+        let s = Arc::new(Spool {
+            settings,
+            counter: AtomicU64::new(0),
+            kick,
+        });
+        metrics::gauge!("coexist_spool_messages").set(s.list().len() as f64);
+        Ok(s)
+    }
+
+    fn queue_dir(&self) -> PathBuf {
+        self.settings.dir.join("queue")
+    }
+
+    fn new_id(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{nanos:x}-{}-{n}", std::process::id())
+    }
+
+    /// Starts the content file of a message that may need spooling.
+    pub fn writer(&self) -> Option<SpoolWriter> {
+        let id = self.new_id();
+        let path = self.settings.dir.join("tmp").join(format!("{id}.eml"));
+        match std::fs::File::create(&path) {
+            Ok(f) => Some(SpoolWriter {
+                id,
+                path,
+                file: Some(f),
+                failed: false,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a spool file; split deliveries will be answered 451");
+                None
+            }
+        }
+    }
+
+    /// Makes the message durable for `rcpts`. Only after this returns Ok may the client be
+    /// told 250 for them.
+    pub fn commit(
+        &self,
+        mut w: SpoolWriter,
+        from: &MailFrom<String>,
+        rcpts: Vec<SpooledRcpt>,
+        error: &str,
+    ) -> Result<String, SpoolError> {
+        let Some(file) = w.file.take() else {
+            return Err(SpoolError::NotFound(w.id.clone()));
+        };
+        if w.failed {
+            let _ = std::fs::remove_file(&w.path);
+            return Err(SpoolError::Io {
+                path: w.path.clone(),
+                source: std::io::Error::other("writing the content failed"),
+            });
+        }
+        let done = (|| {
+            file.sync_all().map_err(io_err(&w.path))?;
+            drop(file);
+            let eml = self.queue_dir().join(format!("{}.eml", w.id));
+            std::fs::rename(&w.path, &eml).map_err(io_err(&eml))?;
+            let entry = Entry {
+                id: w.id.clone(),
+                from: from.address.clone(),
+                mail_flags: from.flags,
+                size: from.size,
+                env_id: from.env_id.clone(),
+                rcpts,
+                created: now(),
+                attempts: 0,
+                next_attempt: now() + self.settings.retry_initial.as_secs().min(60),
+                last_error: error.to_string(),
+            };
+            self.write_entry(&entry)?;
+            fsync_dir(&self.queue_dir());
+            Ok(w.id.clone())
+        })();
+        if done.is_err() {
+            let _ = std::fs::remove_file(&w.path);
+        }
+        metrics::gauge!("coexist_spool_messages").set(self.list().len() as f64);
+        let _ = self.kick.send(());
+        done
+    }
+
+    fn write_entry(&self, e: &Entry) -> Result<(), SpoolError> {
+        let path = self.queue_dir().join(format!("{}.json", e.id));
+        let tmp = self.settings.dir.join("tmp").join(format!("{}.json", e.id));
+        let json = serde_json::to_vec_pretty(e).map_err(|x| SpoolError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(x),
+        })?;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&json).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        fsync_dir(&self.queue_dir());
+        Ok(())
+    }
+
+    /// Every spooled message, oldest first.
+    pub fn list(&self) -> Vec<Entry> {
+        let Ok(dir) = std::fs::read_dir(self.queue_dir()) else {
+            return Vec::new();
+        };
+        let mut v: Vec<Entry> = dir
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        v.sort_by_key(|e| (e.created, e.id.clone()));
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Result<Entry, SpoolError> {
+        self.list()
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| SpoolError::NotFound(id.to_string()))
+    }
+
+    /// Removes a message from the spool (an operator's decision; it is not delivered).
+    pub fn delete(&self, id: &str) -> Result<(), SpoolError> {
+        if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
+        let json = self.queue_dir().join(format!("{id}.json"));
+        if !json.exists() {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
+        std::fs::remove_file(&json).map_err(io_err(&json))?;
+        let _ = std::fs::remove_file(self.queue_dir().join(format!("{id}.eml")));
+        fsync_dir(&self.queue_dir());
+        metrics::gauge!("coexist_spool_messages").set(self.list().len() as f64);
+        Ok(())
+    }
+
+    /// Makes a message (or every one) due now.
+    pub fn retry_now(&self, id: Option<&str>) -> Result<usize, SpoolError> {
+        let mut n = 0;
+        for mut e in self.list() {
+            if id.is_none_or(|i| i == e.id) {
+                e.next_attempt = 0;
+                self.write_entry(&e)?;
+                n += 1;
+            }
+        }
+        if let Some(i) = id
+            && n == 0
+        {
+            return Err(SpoolError::NotFound(i.to_string()));
+        }
+        let _ = self.kick.send(());
+        Ok(n)
+    }
+
+    /// Delivers due messages until shutdown.
+    pub async fn run(
+        self: Arc<Self>,
+        router: Arc<Router>,
+        backends: Arc<Backends>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut kick = self.kick.subscribe();
+        loop {
+            for e in self.list().into_iter().filter(|e| e.next_attempt <= now()) {
+                self.attempt(e, &router, &backends).await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = kick.changed() => {}
+                () = crate::listener::stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    /// One delivery attempt: each recipient to its owner in the table of now.
+    async fn attempt(&self, mut e: Entry, router: &Router, backends: &Backends) {
+        let eml = self.queue_dir().join(format!("{}.eml", e.id));
+        let Ok(content) = tokio::fs::read(&eml).await else {
+            tracing::error!(id = %e.id, "spooled content missing; dropping the entry");
+            let _ = self.delete(&e.id);
+            return;
+        };
+        let table = router.snapshot();
+        let mut groups: BTreeMap<String, Vec<SpooledRcpt>> = BTreeMap::new();
+        let mut unroutable = Vec::new();
+        for r in &e.rcpts {
+            match table.lookup(&r.address).target() {
+                Some(t) => groups
+                    .entry(table.target_name(t).to_string())
+                    .or_default()
+                    .push(r.clone()),
+                None => unroutable.push(r.clone()),
+            }
+        }
+        let mut remaining = Vec::new();
+        let mut errors = Vec::new();
+        for r in unroutable {
+            // The table no longer routes it: a permanent failure.
+            tracing::error!(id = %e.id, rcpt = %r.address, "spooled recipient no longer routed; dropped (no DSN is sent yet)");
+            metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+        }
+        for (target, rcpts) in groups {
+            let outcome = match backends.target(&target) {
+                Some(t) => deliver(backends, t, &e, &rcpts, &content).await,
+                None => Err(format!("no backend for target {target}")),
+            };
+            match outcome {
+                Ok(results) => {
+                    for (r, reply) in rcpts.into_iter().zip(results) {
+                        match reply {
+                            Delivery::Done => {
+                                tracing::info!(id = %e.id, rcpt = %r.address, %target, "spooled recipient delivered");
+                                metrics::counter!("coexist_spool_recipients_total", "result" => "delivered").increment(1);
+                            }
+                            Delivery::Later(why) => {
+                                errors.push(why);
+                                remaining.push(r);
+                            }
+                            Delivery::Failed(why) => {
+                                tracing::error!(id = %e.id, rcpt = %r.address, %target, reply = %why, "spooled recipient refused for good; dropped (no DSN is sent yet)");
+                                metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+                            }
+                        }
+                    }
+                }
+                Err(why) => {
+                    errors.push(why);
+                    remaining.extend(rcpts);
+                }
+            }
+        }
+        if remaining.is_empty() {
+            let _ = self.delete(&e.id);
+            return;
+        }
+        e.attempts += 1;
+        if now().saturating_sub(e.created) > self.settings.max_age.as_secs() {
+            tracing::error!(id = %e.id, rcpts = remaining.len(), "spooled message expired; dropped (no DSN is sent yet)");
+            metrics::counter!("coexist_spool_recipients_total", "result" => "expired")
+                .increment(remaining.len() as u64);
+            let _ = self.delete(&e.id);
+            return;
+        }
+        e.rcpts = remaining;
+        e.last_error = errors.join("; ");
+        e.next_attempt = now() + backoff(&self.settings, e.attempts, &e.id).as_secs();
+        if let Err(err) = self.write_entry(&e) {
+            tracing::error!(id = %e.id, error = %err, "cannot update spool entry");
+        }
+    }
+}
+
+/// Exponential backoff with ±20% jitter (from the id, so it is stable per message and
+/// spreads messages apart).
+fn backoff(s: &SpoolSettings, attempts: u32, id: &str) -> Duration {
+    let base =
+        s.retry_initial.as_secs_f64() * 2f64.powi(attempts.saturating_sub(1).min(20).cast_signed());
+    let capped = base.min(s.retry_max.as_secs_f64());
+    let h = xxhash_rust::xxh3::xxh3_64(format!("{id}/{attempts}").as_bytes());
+    let jitter = 0.8 + 0.4 * (h % 1000) as f64 / 1000.0;
+    Duration::from_secs_f64((capped * jitter).max(1.0))
+}
+
+enum Delivery {
+    Done,
+    Later(String),
+    Failed(String),
+}
+
+/// One SMTP transaction to `target` for `rcpts`; per recipient what became of it.
+async fn deliver(
+    backends: &Backends,
+    target: &Arc<crate::smtp::backend::Target>,
+    e: &Entry,
+    rcpts: &[SpooledRcpt],
+    content: &[u8],
+) -> Result<Vec<Delivery>, String> {
+    let mut conn = backends
+        .connect_new(target)
+        .await
+        .map_err(|x| x.to_string())?;
+    let mail =
+        crate::smtp::session::mail_line(&e.mail_from(), &conn.caps).map_err(|r| r.to_string())?;
+    let r = conn.command(&mail).await.map_err(|x| x.to_string())?;
+    if !r.is_positive() {
+        conn.quit().await;
+        let outcome = |_: &SpooledRcpt| {
+            if r.is_transient() {
+                Delivery::Later(r.to_string())
+            } else {
+                Delivery::Failed(r.to_string())
+            }
+        };
+        return Ok(rcpts.iter().map(outcome).collect());
+    }
+    let mut out: Vec<Option<Delivery>> = Vec::new();
+    let mut any = false;
+    for rc in rcpts {
+        let line = crate::smtp::session::rcpt_line(&rc.rcpt_to(), conn.caps.dsn);
+        let r = conn.command(&line).await.map_err(|x| x.to_string())?;
+        if r.is_positive() {
+            any = true;
+            out.push(None);
+        } else if r.is_transient() {
+            out.push(Some(Delivery::Later(r.to_string())));
+        } else {
+            out.push(Some(Delivery::Failed(r.to_string())));
+        }
+    }
+    if !any {
+        conn.quit().await;
+        return Ok(out
+            .into_iter()
+            .map(|d| d.unwrap_or(Delivery::Later("no recipient accepted".into())))
+            .collect());
+    }
+    let r = conn.command("DATA\r\n").await.map_err(|x| x.to_string())?;
+    if r.code != 354 {
+        conn.quit().await;
+        return Err(format!("DATA refused: {r}"));
+    }
+    let timeout = backends.settings.data_timeout;
+    conn.write_data(content, timeout)
+        .await
+        .map_err(|x| x.to_string())?;
+    conn.write_data(b".\r\n", timeout)
+        .await
+        .map_err(|x| x.to_string())?;
+    let r = conn
+        .read_final(backends.settings.final_timeout)
+        .await
+        .map_err(|x| x.to_string())?;
+    conn.quit().await;
+    let accepted = |d: Option<Delivery>| match d {
+        Some(d) => d,
+        None if r.is_positive() => Delivery::Done,
+        None if r.is_transient() => Delivery::Later(r.to_string()),
+        None => Delivery::Failed(r.to_string()),
+    };
+    Ok(out.into_iter().map(accepted).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let s = SpoolSettings {
+            dir: PathBuf::new(),
+            max_age: Duration::from_secs(5 * 86_400),
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+        };
+        let b1 = backoff(&s, 1, "a").as_secs_f64();
+        let b3 = backoff(&s, 3, "a").as_secs_f64();
+        let b20 = backoff(&s, 20, "a").as_secs_f64();
+        assert!((48.0..=72.0).contains(&b1), "{b1}");
+        assert!((192.0..=288.0).contains(&b3), "{b3}");
+        assert!((2880.0..=4320.0).contains(&b20), "{b20}");
+        assert_ne!(backoff(&s, 2, "a"), backoff(&s, 2, "b"));
+    }
+}
