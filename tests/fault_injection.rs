@@ -122,7 +122,7 @@ async fn sigkill_after_250_loses_nothing_and_mid_data_delivers_nothing() {
         .messages()
         .iter()
         .chain(new.messages().iter())
-        .map(|m| m.body_text())
+        .map(support::Received::body_text)
         .collect();
     assert_eq!(all.len(), 2, "exactly once each side");
     assert!(
