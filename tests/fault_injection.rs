@@ -99,7 +99,7 @@ async fn sigkill_after_250_loses_nothing_and_mid_data_delivers_nothing() {
         "only the acknowledged message reached OLD"
     );
 
-    // Restart: the spooled part is retried at once (a restart makes every entry due).
+    // Restart; `queue retry` makes the spooled part due at once (it was not due for 30 s).
     let _s = serve(&cfg, relay).await;
     let (code, _) = support::admin_call(
         format!("127.0.0.1:{admin}").parse().unwrap(),
