@@ -279,6 +279,14 @@ fn toml_and_csv_syntax_errors_have_lines() {
 }
 
 #[test]
+fn a_blank_parser_message_still_says_something() {
+    // Found by fuzzing: "\r" alone made toml report an empty message.
+    let err = load("\r\0 \u{8}", None).unwrap_err();
+    assert!(err.starts_with("routes.toml:"), "{err}");
+    assert!(!err.trim_end().ends_with(':'), "{err}");
+}
+
+#[test]
 fn version_hash_depends_on_content_not_order() {
     let a = load(BASE, None).unwrap();
     // Same mailboxes, reversed order, different formatting.

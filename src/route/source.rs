@@ -184,12 +184,19 @@ fn finish_errors(b: TableBuilder) -> Diagnostics {
 
 /// toml's messages span several lines; a diagnostic is one.
 pub(crate) fn one_line(msg: &str) -> String {
-    msg.trim()
+    let line = msg
+        .trim()
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    // Found by fuzzing: a lone CR gets a parse error whose message is blank.
+    if line.is_empty() {
+        "invalid TOML syntax".to_string()
+    } else {
+        line
+    }
 }
 
 /// The CSV columns, with the header names an Exchange `Export-Csv` gives them.
