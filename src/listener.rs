@@ -143,7 +143,10 @@ async fn handle(
         let Some(acceptor) = ctx.tls.clone() else {
             return;
         };
-        match tokio::time::timeout(Duration::from_secs(30), acceptor.accept(stream)).await {
+        // Boxed: the handshake's state is large and would otherwise be reserved in every
+        // connection's task, TLS or not.
+        match tokio::time::timeout(Duration::from_secs(30), Box::pin(acceptor.accept(stream))).await
+        {
             Ok(Ok(tls)) => Conn::ServerTls(Box::new(tls)),
             Ok(Err(e)) => {
                 tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");

@@ -113,8 +113,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
     pub fn new(conn: Conn<S>) -> Self {
         Self {
             conn,
-            rbuf: BytesMut::with_capacity(4096),
-            wbuf: Vec::with_capacity(1024),
+            // Small to start: most sessions are short commands, and idle ones (floods,
+            // slowloris) should cost little. DATA grows the buffer as it needs.
+            rbuf: BytesMut::with_capacity(1024),
+            wbuf: Vec::new(),
         }
     }
 
@@ -137,8 +139,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
 
     /// Reads more bytes into the buffer; `Closed` at EOF.
     pub async fn fill(&mut self, timeout: Duration) -> Result<usize, IoError> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(8192);
+        if self.rbuf.capacity() - self.rbuf.len() < 512 {
+            // A message streams in larger reads; BytesMut reuses the space it consumed.
+            let more = if self.rbuf.capacity() >= 16 * 1024 {
+                32 * 1024
+            } else {
+                4096
+            };
+            self.rbuf.reserve(more);
         }
         let n = tokio::time::timeout(timeout, self.conn.read_buf(&mut self.rbuf))
             .await

@@ -246,7 +246,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
-    /// Handles one command line; `false` ends the session.
+    /// Handles one command line; `false` ends the session. The commands that wait on
+    /// backends or TLS run boxed: their state lives on the heap only while they run, so an
+    /// idle session (a flood, a slowloris) stays small.
     async fn handle(&mut self, line: &[u8]) -> Result<bool, SessionError> {
         let req = match Request::parse(&mut line.iter()) {
             Ok(r) => r,
@@ -263,18 +265,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             | Request::Atrn { .. }
             | Request::Burl { .. }
             | Request::Expn { .. } => self.reply(&codes::not_implemented()),
-            Request::StartTls => return self.starttls().await,
+            Request::StartTls => return Box::pin(self.starttls()).await,
             Request::Auth {
                 mechanism,
                 initial_response,
-            } => self.auth(mechanism, initial_response).await?,
+            } => Box::pin(self.auth(mechanism, initial_response)).await?,
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to).await,
-            Request::Data => self.data().await?,
+            Request::Rcpt { to } => Box::pin(self.rcpt(to)).await,
+            Request::Data => Box::pin(self.data()).await?,
             Request::Bdat {
                 chunk_size,
                 is_last,
-            } => self.bdat(chunk_size, is_last).await?,
+            } => Box::pin(self.bdat(chunk_size, is_last)).await?,
             Request::Rset => {
                 self.end_txn().await;
                 self.reply(&codes::reset());
