@@ -773,3 +773,38 @@ async fn the_spool_survives_a_restart() {
     assert_eq!(n[0].rcpts, ["alice@example.com"]);
     drop((running, dir));
 }
+
+#[tokio::test]
+async fn hostile_clients_get_a_clear_answer_or_a_close() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "command_timeout_secs = 1", "").await;
+    // Slowloris: a byte at a time, never finishing the line, is cut off by the command
+    // timeout even though each byte arrives well within it.
+    let mut c = Client::connect(p.relay()).await;
+    // A byte every 300 ms for 2 s: never silent for a whole second, never a whole line.
+    for b in b"EHLO slow" {
+        let _ = tokio::io::AsyncWriteExt::write_all(c.io.get_mut(), std::slice::from_ref(b)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let r = c.reply().await;
+    assert!(r.starts_with("421 4.4.2"), "{r}");
+
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    // XCLIENT is for proxies talking to us, never for clients.
+    c.expect("XCLIENT ADDR=10.0.0.1", "500").await;
+    // A 1 MB command line: refused, memory bounded, session still in sync.
+    c.send(&vec![b'A'; 1 << 20]).await;
+    c.send(b"\r\n").await;
+    assert!(c.reply().await.starts_with("500 5.5.2"));
+    // CR or NUL inside an address or parameter.
+    c.send(b"MAIL FROM:<a@b.example\r> SIZE=1\r\n").await;
+    assert!(c.reply().await.starts_with("500 5.5.2"));
+    c.send(b"MAIL FROM:<a\0@b.example>\r\n").await;
+    assert!(c.reply().await.starts_with("500 5.5.2"));
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.send(b"RCPT TO:<bob@example.com\x01>\r\n").await;
+    assert!(c.reply().await.starts_with("501"));
+    c.expect("NOOP", "250").await;
+}

@@ -157,8 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
         Ok(n)
     }
 
-    /// Reads one line of at most `max` octets (CRLF included).
+    /// Reads one line of at most `max` octets (CRLF included). `timeout` bounds the whole
+    /// line, not each read: a client that trickles a byte now and then (slowloris) still
+    /// runs out of time.
     pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, IoError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut skipping = false;
         loop {
             if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
@@ -181,7 +184,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
                 skipping = true;
                 self.rbuf.clear();
             }
-            self.fill(timeout).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(IoError::Timeout);
+            }
+            self.fill(left).await?;
         }
     }
 
