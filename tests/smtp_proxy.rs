@@ -781,15 +781,33 @@ async fn hostile_clients_get_a_clear_answer_or_a_close() {
     let p = Proxy::start(old.addr, new.addr, "command_timeout_secs = 1", "").await;
     // Slowloris: a byte at a time, never finishing the line, is cut off by the command
     // timeout even though each byte arrives well within it.
-    let mut c = Client::connect(p.relay()).await;
-    // A byte every 300 ms for 2 s: never silent for a whole second, never a whole line.
-    for b in b"EHLO slow" {
-        let _ = tokio::io::AsyncWriteExt::write_all(c.io.get_mut(), std::slice::from_ref(b)).await;
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
-    let r = c.reply().await;
-    assert!(r.starts_with("421 4.4.2"), "{r}");
-
+    let c = Client::connect(p.relay()).await;
+    let (rd, mut wr) = c.io.into_inner().into_split();
+    // A byte every 300 ms for 3 s: never silent for a whole second, never a whole line.
+    let trickle = tokio::spawn(async move {
+        for b in b"EHLO slow.client" {
+            if tokio::io::AsyncWriteExt::write_all(&mut wr, std::slice::from_ref(b))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    });
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut line = String::new();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        tokio::io::AsyncBufReadExt::read_line(&mut rd, &mut line),
+    )
+    .await;
+    assert!(
+        got.is_ok(),
+        "the trickling client was not cut off within 2 s"
+    );
+    assert!(line.starts_with("421 4.4.2"), "{line}");
+    trickle.abort();
     let mut c = Client::connect(p.relay()).await;
     c.expect("EHLO client.test", "250").await;
     // XCLIENT is for proxies talking to us, never for clients.
