@@ -33,6 +33,11 @@ use crate::smtp::backend::Backends;
 #[derive(Debug, Clone)]
 pub struct SpoolSettings {
     pub dir: PathBuf,
+    /// Names us in DSNs (`Reporting-MTA`, `MAILER-DAEMON@`).
+    pub hostname: String,
+    /// Where DSNs for senders outside every routed domain go (a target whose servers relay
+    /// to the internet); without it such DSNs are logged and dropped.
+    pub dsn_target: Option<String>,
     pub max_age: Duration,
     pub retry_initial: Duration,
     pub retry_max: Duration,
@@ -380,15 +385,25 @@ impl Spool {
                     .entry(table.target_name(t).to_string())
                     .or_default()
                     .push(r.clone()),
+                // A DSN to a sender outside our domains leaves through the DSN target.
+                None if e.from.is_empty() && self.settings.dsn_target.is_some() => groups
+                    .entry(self.settings.dsn_target.clone().unwrap_or_default())
+                    .or_default()
+                    .push(r.clone()),
                 None => unroutable.push(r.clone()),
             }
         }
         let mut remaining = Vec::new();
         let mut errors = Vec::new();
+        let mut bounced: Vec<(SpooledRcpt, String)> = Vec::new();
         for r in unroutable {
             // The table no longer routes it: a permanent failure.
-            tracing::error!(id = %e.id, rcpt = %r.address, "spooled recipient no longer routed; dropped (no DSN is sent yet)");
+            tracing::error!(id = %e.id, rcpt = %r.address, "spooled recipient no longer routed");
             metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+            bounced.push((
+                r,
+                "5.1.2 recipient is no longer routed by this proxy".into(),
+            ));
         }
         for (target, rcpts) in groups {
             let outcome = match backends.target(&target) {
@@ -408,8 +423,9 @@ impl Spool {
                                 remaining.push(r);
                             }
                             Delivery::Failed(why) => {
-                                tracing::error!(id = %e.id, rcpt = %r.address, %target, reply = %why, "spooled recipient refused for good; dropped (no DSN is sent yet)");
+                                tracing::error!(id = %e.id, rcpt = %r.address, %target, reply = %why, "spooled recipient refused for good");
                                 metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+                                bounced.push((r, why));
                             }
                         }
                     }
@@ -420,15 +436,23 @@ impl Spool {
                 }
             }
         }
-        if remaining.is_empty() {
-            let _ = self.delete(&e.id);
-            return;
-        }
         e.attempts += 1;
-        if now().saturating_sub(e.created) > self.settings.max_age.as_secs() {
-            tracing::error!(id = %e.id, rcpts = remaining.len(), "spooled message expired; dropped (no DSN is sent yet)");
+        let expired = !remaining.is_empty()
+            && now().saturating_sub(e.created) > self.settings.max_age.as_secs();
+        if expired {
+            tracing::error!(id = %e.id, rcpts = remaining.len(), "spooled message expired");
             metrics::counter!("coexist_spool_recipients_total", "result" => "expired")
                 .increment(remaining.len() as u64);
+            let why = format!(
+                "4.4.7 delivery time expired; last error: {}",
+                errors.join("; ")
+            );
+            bounced.extend(remaining.drain(..).map(|r| (r, why.clone())));
+        }
+        if !bounced.is_empty() {
+            self.bounce(&e, &bounced, &content);
+        }
+        if remaining.is_empty() {
             let _ = self.delete(&e.id);
             return;
         }
@@ -439,6 +463,133 @@ impl Spool {
             tracing::error!(id = %e.id, error = %err, "cannot update spool entry");
         }
     }
+}
+
+impl Spool {
+    /// Tells the sender which recipients failed for good (RFC 3464 DSN, multipart/report),
+    /// spooled like any message so it is retried too. Never for a null sender: a DSN about
+    /// a DSN would loop.
+    fn bounce(&self, e: &Entry, failed: &[(SpooledRcpt, String)], content: &[u8]) {
+        if e.from.is_empty() {
+            tracing::warn!(id = %e.id, "a DSN failed for good; dropped (no DSN for a DSN)");
+            return;
+        }
+        let dsn = build_dsn(&self.settings.hostname, e, failed, content);
+        let Some(mut w) = self.writer() else { return };
+        w.write(&dot_stuff(&dsn));
+        let from = MailFrom {
+            address: String::new(),
+            ..MailFrom::default()
+        };
+        let to = vec![SpooledRcpt {
+            address: e.from.clone(),
+            notify: 0,
+            orcpt: None,
+        }];
+        match self.commit(w, &from, to, "DSN") {
+            Ok(id) => {
+                tracing::info!(id = %e.id, dsn = %id, sender = %e.from, "DSN queued for the sender")
+            }
+            Err(err) => tracing::error!(id = %e.id, error = %err, "cannot queue a DSN"),
+        }
+    }
+}
+
+/// The DSN: a human part, the machine-readable delivery status, the original headers.
+fn build_dsn(host: &str, e: &Entry, failed: &[(SpooledRcpt, String)], content: &[u8]) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let boundary = format!("coexist-dsn-{}", e.id);
+    let date = crate::smtp::session::rfc5322_date(SystemTime::now());
+    let arrival = crate::smtp::session::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.created));
+    let mut m = String::new();
+    let _ = write!(
+        m,
+        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{from}>\r\n\
+         Subject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\n\
+         Message-ID: <dsn-{id}@{host}>\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"{boundary}\"\r\n\r\n\
+         This is a MIME-encapsulated message.\r\n\r\n--{boundary}\r\n\
+         Content-Type: text/plain; charset=utf-8\r\n\r\n\
+         The mail system at {host} could not deliver your message to the\r\n\
+         following recipient(s):\r\n\r\n",
+        from = e.from,
+        id = e.id,
+    );
+    for (r, why) in failed {
+        let _ = write!(m, "  <{}>: {}\r\n", r.address, one_line(why));
+    }
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n\
+         Reporting-MTA: dns; {host}\r\nArrival-Date: {arrival}\r\n"
+    );
+    if let Some(env) = &e.env_id {
+        let _ = write!(m, "Original-Envelope-Id: {}\r\n", one_line(env));
+    }
+    for (r, why) in failed {
+        let status = status_code(why);
+        let _ = write!(
+            m,
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {status}\r\n\
+             Diagnostic-Code: smtp; {}\r\n",
+            r.address,
+            one_line(why)
+        );
+        if let Some(o) = &r.orcpt {
+            let _ = write!(m, "Original-Recipient: rfc822; {}\r\n", one_line(o));
+        }
+    }
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    );
+    // The original header section, un-stuffed from its DATA form.
+    for line in String::from_utf8_lossy(content).split("\r\n") {
+        if line.is_empty() {
+            break;
+        }
+        let line = line
+            .strip_prefix('.')
+            .filter(|_| line.starts_with(".."))
+            .unwrap_or(line);
+        m.push_str(line);
+        m.push_str("\r\n");
+    }
+    let _ = write!(m, "\r\n--{boundary}--\r\n");
+    m.into_bytes()
+}
+
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// The enhanced status code in a reply text (`550 5.1.1 …` → `5.1.1`), else a generic one.
+fn status_code(why: &str) -> String {
+    why.split_whitespace()
+        .find(|w| {
+            let p: Vec<&str> = w.split('.').collect();
+            p.len() == 3
+                && (p[0] == "4" || p[0] == "5")
+                && p.iter()
+                    .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map_or_else(|| "5.0.0".to_string(), |c| format!("5{}", &c[1..]))
+}
+
+/// DATA form of a message: lines starting with `.` get another one.
+fn dot_stuff(msg: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(msg.len() + 16);
+    let mut start = true;
+    for &b in msg {
+        if start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        start = b == b'\n';
+    }
+    out
 }
 
 /// Exponential backoff with ±20% jitter (from the id, so it is stable per message and
@@ -536,9 +687,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dsn_codes_and_stuffing() {
+        assert_eq!(status_code("550 5.1.1 no such user"), "5.1.1");
+        assert_eq!(status_code("4.4.7 delivery time expired"), "5.4.7");
+        assert_eq!(status_code("garbage"), "5.0.0");
+        assert_eq!(dot_stuff(b".a\r\nb\r\n.\r\n"), b"..a\r\nb\r\n..\r\n");
+    }
+
+    #[test]
     fn backoff_grows_caps_and_jitters() {
         let s = SpoolSettings {
             dir: PathBuf::new(),
+            hostname: "mx.test".into(),
+            dsn_target: None,
             max_age: Duration::from_secs(5 * 86_400),
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),

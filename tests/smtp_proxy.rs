@@ -826,3 +826,58 @@ async fn hostile_clients_get_a_clear_answer_or_a_close() {
     assert!(c.reply().await.starts_with("501"));
     c.expect("NOOP", "250").await;
 }
+
+#[tokio::test]
+async fn a_spooled_recipient_refused_for_good_gets_the_sender_a_dsn() {
+    let old = Backend::start(Behaviour::default()).await;
+    // NEW: the first end of DATA is a temporary failure, the retry a permanent one.
+    let new = Backend::start(Behaviour {
+        tempfail_data: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        data_reply: Some("554 5.7.1 Rejected by policy".into()),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    // The sender is one of ours (bob, on OLD), so its DSN has somewhere to go.
+    c.expect("MAIL FROM:<bob@example.com>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("RCPT TO:<carol@example.org>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect(
+        "Subject: will bounce\r\nMessage-ID: <b@test>\r\n\r\n.hi\r\n.",
+        "250",
+    )
+    .await;
+    let o = old.wait_for(2).await;
+    assert_eq!(o.len(), 2, "carol's copy and then the DSN");
+    assert_eq!(o[0].rcpts, ["carol@example.org"]);
+    let dsn = &o[1];
+    assert_eq!(dsn.from, "<>", "a DSN has the null sender");
+    assert_eq!(dsn.rcpts, ["bob@example.com"]);
+    let t = dsn.body_text();
+    for want in [
+        "Content-Type: multipart/report; report-type=delivery-status",
+        "Final-Recipient: rfc822; alice@example.com",
+        "Action: failed",
+        "Status: 5.7.1",
+        "Diagnostic-Code: smtp; 554 5.7.1 Rejected by policy",
+        "Content-Type: text/rfc822-headers",
+        "Subject: will bounce",
+        "Auto-Submitted: auto-replied",
+    ] {
+        assert!(t.contains(want), "missing {want:?} in\n{t}");
+    }
+    assert!(new.messages().is_empty());
+    for _ in 0..100 {
+        if p.running.spool.list().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        p.running.spool.list().is_empty(),
+        "message and DSN both left the spool"
+    );
+}

@@ -47,6 +47,8 @@ struct RawSpool {
     retry_initial_secs: Option<u64>,
     #[serde(default)]
     retry_max_secs: Option<u64>,
+    #[serde(default)]
+    dsn_target: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -552,9 +554,19 @@ impl Config {
             );
         }
 
+        if let Some(t) = &raw.spool.dsn_target
+            && !raw.targets.contains_key(t)
+        {
+            d.push(
+                &file,
+                0,
+                format!("spool.dsn_target {t:?} is not a configured target"),
+            );
+        }
         if !d.is_empty() {
             return Err(d);
         }
+        let spool_hostname = smtp.hostname.clone();
         Ok(Config {
             path: path.to_path_buf(),
             routes: RoutesConfig {
@@ -566,6 +578,8 @@ impl Config {
             smtp,
             spool: crate::spool::SpoolSettings {
                 dir: rel(raw.spool.dir.as_deref().unwrap_or("spool")),
+                hostname: spool_hostname,
+                dsn_target: raw.spool.dsn_target.clone(),
                 max_age: Duration::from_secs(raw.spool.max_age_hours.unwrap_or(120).max(1) * 3600),
                 retry_initial: Duration::from_secs(
                     raw.spool.retry_initial_secs.unwrap_or(60).max(1),
