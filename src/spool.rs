@@ -488,7 +488,7 @@ impl Spool {
         }];
         match self.commit(w, &from, to, "DSN") {
             Ok(id) => {
-                tracing::info!(id = %e.id, dsn = %id, sender = %e.from, "DSN queued for the sender")
+                tracing::info!(id = %e.id, dsn = %id, sender = %e.from, "DSN queued for the sender");
             }
             Err(err) => tracing::error!(id = %e.id, error = %err, "cannot queue a DSN"),
         }
