@@ -276,6 +276,40 @@ impl Spool {
         done
     }
 
+    /// A split delivery's failed rest: recipients refused temporarily are spooled, and
+    /// those refused for good are reported to the sender with a DSN (itself spooled). Both
+    /// are on disk when this returns Ok, so the client may be told 250. Returns the id of
+    /// the spooled message, if any recipient was spooled.
+    pub fn commit_split(
+        &self,
+        w: SpoolWriter,
+        from: &MailFrom<String>,
+        later: Vec<SpooledRcpt>,
+        refused: &[(SpooledRcpt, String)],
+        error: &str,
+    ) -> Result<Option<String>, SpoolError> {
+        if !refused.is_empty() {
+            let content = std::fs::read(&w.path).map_err(io_err(&w.path))?;
+            let entry = Entry {
+                id: w.id.clone(),
+                from: from.address.clone(),
+                mail_flags: from.flags,
+                size: from.size,
+                env_id: from.env_id.clone(),
+                rcpts: Vec::new(),
+                created: now(),
+                attempts: 0,
+                next_attempt: 0,
+                last_error: String::new(),
+            };
+            self.bounce_now(&entry, refused, &content)?;
+        }
+        if later.is_empty() {
+            return Ok(None);
+        }
+        self.commit(w, from, later, error).map(Some)
+    }
+
     fn write_entry(&self, e: &Entry) -> Result<(), SpoolError> {
         let path = self.queue_dir().join(format!("{}.json", e.id));
         let tmp = self.settings.dir.join("tmp").join(format!("{}.json", e.id));
@@ -470,12 +504,26 @@ impl Spool {
     /// spooled like any message so it is retried too. Never for a null sender: a DSN about
     /// a DSN would loop.
     fn bounce(&self, e: &Entry, failed: &[(SpooledRcpt, String)], content: &[u8]) {
+        if let Err(err) = self.bounce_now(e, failed, content) {
+            tracing::error!(id = %e.id, error = %err, "cannot queue a DSN");
+        }
+    }
+
+    fn bounce_now(
+        &self,
+        e: &Entry,
+        failed: &[(SpooledRcpt, String)],
+        content: &[u8],
+    ) -> Result<(), SpoolError> {
         if e.from.is_empty() {
-            tracing::warn!(id = %e.id, "a DSN failed for good; dropped (no DSN for a DSN)");
-            return;
+            tracing::warn!(id = %e.id, "a message with the null sender failed for good; no DSN (it would loop)");
+            return Ok(());
         }
         let dsn = build_dsn(&self.settings.hostname, e, failed, content);
-        let Some(mut w) = self.writer() else { return };
+        let mut w = self.writer().ok_or_else(|| SpoolError::Io {
+            path: self.settings.dir.join("tmp"),
+            source: std::io::Error::other("cannot create a spool file"),
+        })?;
         w.write(&dot_stuff(&dsn));
         let from = MailFrom {
             address: String::new(),
@@ -486,12 +534,9 @@ impl Spool {
             notify: 0,
             orcpt: None,
         }];
-        match self.commit(w, &from, to, "DSN") {
-            Ok(id) => {
-                tracing::info!(id = %e.id, dsn = %id, sender = %e.from, "DSN queued for the sender");
-            }
-            Err(err) => tracing::error!(id = %e.id, error = %err, "cannot queue a DSN"),
-        }
+        let id = self.commit(w, &from, to, "DSN")?;
+        tracing::info!(id = %e.id, dsn = %id, sender = %e.from, "DSN queued for the sender");
+        Ok(())
     }
 }
 

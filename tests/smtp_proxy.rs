@@ -881,3 +881,36 @@ async fn a_spooled_recipient_refused_for_good_gets_the_sender_a_dsn() {
         "message and DSN both left the spool"
     );
 }
+
+#[tokio::test]
+async fn a_split_delivery_refused_for_good_on_one_side_is_answered_250_with_a_dsn() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour {
+        data_reply: Some("554 5.7.1 Rejected by policy".into()),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<bob@example.com>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("RCPT TO:<carol@example.org>", "250").await;
+    c.expect("DATA", "354").await;
+    // No 451 (which would make the client send carol a second copy): 250, and a DSN.
+    let r = c.cmd("Subject: half refused\r\n\r\nhi\r\n.").await;
+    assert!(
+        r.starts_with("250") && r.contains("1 refused, reported by DSN"),
+        "{r}"
+    );
+    let o = old.wait_for(2).await;
+    assert_eq!(o.len(), 2, "carol's copy and the DSN");
+    assert_eq!(o[0].rcpts, ["carol@example.org"]);
+    assert_eq!(o[1].from, "<>");
+    assert!(
+        o[1].body_text()
+            .contains("Final-Recipient: rfc822; alice@example.com")
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(old.messages().len(), 2, "no duplicate");
+}

@@ -1041,10 +1041,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else if let Some(queued) = self.spool_rest(&accepted) {
             queued
         } else {
-            // Some targets hold the message, others do not, and the rest cannot be spooled
-            // (a permanent refusal, or the spool failed): a temporary failure is the only
-            // safe answer; the client retries and the accepting side gets a duplicate,
-            // which is better than a loss.
+            // Some targets hold the message, others do not, and the spool could not take
+            // the rest: a temporary failure is the only safe answer; the client retries and
+            // the accepting side gets a duplicate, which is better than a loss.
             metrics::counter!("coexist_smtp_partial_duplicate_risk_total").increment(1);
             tracing::warn!(
                 accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
@@ -1061,39 +1060,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// the spool, durably, and the client may be told 250. `None` when that is not possible.
     fn spool_rest(&mut self, accepted: &[(String, Reply)]) -> Option<Reply> {
         let txn = self.txn.as_mut()?;
-        let failed: Vec<&Part> = txn
-            .parts
-            .iter()
-            .filter(|p| !p.accepted.is_empty() && p.failed.is_some())
-            .collect();
-        if failed
-            .iter()
-            .any(|p| p.failed.as_ref().is_some_and(Reply::is_permanent))
-        {
-            return None;
-        }
         let spool = self.ctx.spool.as_ref()?;
         let writer = txn.spool.take()?;
-        let rcpts: Vec<crate::spool::SpooledRcpt> = failed
-            .iter()
-            .flat_map(|p| p.accepted.iter().map(crate::spool::SpooledRcpt::from))
-            .collect();
-        let why: Vec<String> = failed
-            .iter()
-            .filter_map(|p| p.failed.as_ref().map(|r| format!("{}: {r}", p.target.name)))
-            .collect();
-        let n = rcpts.len();
-        match spool.commit(writer, &txn.from, rcpts, &why.join("; ")) {
+        let mut later = Vec::new();
+        let mut refused = Vec::new();
+        let mut why = Vec::new();
+        for p in txn.parts.iter().filter(|p| !p.accepted.is_empty()) {
+            let Some(r) = &p.failed else { continue };
+            why.push(format!("{}: {r}", p.target.name));
+            for rc in &p.accepted {
+                let s = crate::spool::SpooledRcpt::from(rc);
+                if r.is_permanent() {
+                    refused.push((s, r.to_string()));
+                } else {
+                    later.push(s);
+                }
+            }
+        }
+        let (n, bounced) = (later.len(), refused.len());
+        match spool.commit_split(writer, &txn.from, later, &refused, &why.join("; ")) {
             Ok(id) => {
                 tracing::info!(
-                    id = %id, queued = n,
+                    id = ?id, queued = n, bounced,
                     accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
-                    "split delivery: the rest is spooled"
+                    "split delivery: the rest is spooled or reported to the sender"
                 );
                 metrics::counter!("coexist_smtp_spooled_total").increment(1);
-                Some(codes::ok(&format!(
-                    "Message accepted for delivery ({n} recipient(s) queued as {id})"
-                )))
+                let mut text = String::from("Message accepted for delivery");
+                if let Some(id) = id {
+                    let _ = write!(text, " ({n} recipient(s) queued as {id})");
+                }
+                if bounced > 0 {
+                    let _ = write!(text, " ({bounced} refused, reported by DSN)");
+                }
+                Some(codes::ok(&text))
             }
             Err(e) => {
                 tracing::error!(error = %e, "spool commit failed");
