@@ -4,19 +4,12 @@
 //!
 //! `cargo bench --bench idle_connections` (`COEXIST_BENCH_CONNECTIONS`, default 5000).
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -69,7 +62,7 @@ fn main() {
     }
     assert!(ready, "coexist did not start");
     std::thread::sleep(Duration::from_millis(300));
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let s = match TcpStream::connect(("127.0.0.1", port)) {
@@ -94,7 +87,7 @@ fn main() {
         conns.push(r);
     }
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let open = conns.len();
     println!(
         "idle_connections: {open} idle SMTP sessions (after EHLO): RSS {before} KiB -> {after} KiB, {:.0} bytes per connection",

@@ -6,6 +6,8 @@
 //! `cargo bench --bench soak` runs 30 minutes; `COEXIST_SOAK_SECS=120` for a short one (the
 //! cutover and restart intervals scale to 1/30 and 1/6 of the run).
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -103,15 +105,6 @@ impl Sink {
         std::thread::sleep(Duration::from_millis(700));
         Sink::start(self.addr, self.seen)
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
 }
 
 fn free() -> SocketAddr {
@@ -214,7 +207,7 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let rss_start = rss_kib(child.id());
+    let rss_start = common::rss_kib(child.id());
     let (sent, accepted, refused) = (
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
@@ -296,7 +289,7 @@ fn main() {
     while Instant::now() < deadline && acked.iter().any(|id| count(id) == 0) {
         std::thread::sleep(Duration::from_millis(500));
     }
-    let rss_end = rss_kib(child.id());
+    let rss_end = common::rss_kib(child.id());
     let mut lost = 0;
     let mut delivered_copies = 0;
     for id in &acked {
