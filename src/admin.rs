@@ -147,7 +147,8 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     })
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decodes a query-string value (`%XX`, `+`); invalid escapes stay as they are.
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -83,11 +83,16 @@ impl Running {
         // The recorder must exist before the first metric is emitted.
         admin::prometheus();
         let smtp = &config.smtp;
-        let settings = BackendSettings {
+        let mut settings = BackendSettings {
             hostname: smtp.hostname.clone(),
             idle_timeout: smtp.limits.backend_idle,
             ..BackendSettings::default()
         };
+        if let Some(t) = smtp.limits.backend_timeout {
+            settings.command_timeout = t;
+            settings.data_timeout = t;
+            settings.final_timeout = t;
+        }
         let backends = Arc::new(Backends::new(&config.targets, settings)?);
         // Learn what every backend supports before the first EHLO is answered.
         backends.probe_all().await;

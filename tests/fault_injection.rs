@@ -171,3 +171,49 @@ async fn a_backend_that_closes_mid_data_gets_nothing_and_the_client_is_told() {
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].rcpts[0].address, "bob@example.com");
 }
+
+#[tokio::test]
+async fn a_backend_that_resets_after_250_costs_nothing() {
+    let old = Backend::start(Behaviour {
+        close_after_data: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    // The pooled connection the first message used is dead when the second starts: the
+    // proxy must notice and use a fresh one, without the client seeing anything.
+    for i in 0..3 {
+        let mut c = Client::connect(p.relay()).await;
+        c.expect("EHLO client.test", "250").await;
+        c.expect("MAIL FROM:<a@internet.example>", "250").await;
+        c.expect("RCPT TO:<bob@example.com>", "250").await;
+        c.expect("DATA", "354").await;
+        c.expect(&format!("Message-ID: <r{i}@test>\r\n\r\nhi\r\n."), "250")
+            .await;
+    }
+    let m = old.wait_for(3).await;
+    assert_eq!(m.len(), 3, "each message exactly once");
+}
+
+#[tokio::test]
+async fn a_backend_that_stalls_past_the_timeout_is_a_temporary_failure() {
+    let old = Backend::start(Behaviour {
+        stall_at_end: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "backend_timeout_secs = 1", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    let started = std::time::Instant::now();
+    let r = c.cmd("Subject: stall\r\n\r\nhi\r\n.").await;
+    assert!(r.starts_with("451"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The client stays in sync and can go on.
+    c.expect("NOOP", "250").await;
+}

@@ -1,5 +1,6 @@
-//! Route lookups on hostile input: addresses, logins and GUID strings of any shape never
-//! panic, and a lookup is stable (same input, same answer).
+//! Route lookups and admin API inputs on hostile input: addresses, logins and GUID strings
+//! of any shape, query values and request bodies never panic, and a lookup is stable (same
+//! input, same answer).
 #![no_main]
 
 use std::path::Path;
@@ -33,9 +34,14 @@ fn table() -> &'static RoutingTable {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // An admin request body (cutover / rollback).
+    let _ = serde_json::from_slice::<coexist::control::Change>(data);
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
+    // A `/lookup?address=` value, decoded, then looked up like the API does.
+    let decoded = coexist::admin::percent_decode(s);
+    let _ = explain(table(), &decoded);
     let t = table();
     let a = explain(t, s);
     let b = explain(t, s);

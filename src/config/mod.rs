@@ -102,6 +102,8 @@ struct RawSmtp {
     #[serde(default)]
     backend_idle_secs: Option<u64>,
     #[serde(default)]
+    backend_timeout_secs: Option<u64>,
+    #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     tls: Option<RawTls>,
@@ -219,6 +221,9 @@ pub struct SmtpLimits {
     pub data_timeout: Duration,
     pub health_interval: Duration,
     pub backend_idle: Duration,
+    /// Waiting on a backend: each reply, each write, and the final reply after DATA
+    /// (default: RFC 5321 §4.5.3.2's 5 minutes, 3 minutes per data block, 10 minutes).
+    pub backend_timeout: Option<Duration>,
 }
 
 impl Default for SmtpLimits {
@@ -234,6 +239,7 @@ impl Default for SmtpLimits {
             data_timeout: Duration::from_secs(180),
             health_interval: Duration::from_secs(30),
             backend_idle: Duration::from_secs(30),
+            backend_timeout: None,
         }
     }
 }
@@ -530,6 +536,9 @@ impl Config {
                 );
                 if let Some(ms) = s.greeting_delay_ms {
                     limits.greeting_delay = Duration::from_millis(ms.min(60_000));
+                }
+                if let Some(secs) = s.backend_timeout_secs {
+                    limits.backend_timeout = Some(Duration::from_secs(secs.max(1)));
                 }
                 if let Some(secs) = s.backend_idle_secs {
                     limits.backend_idle = Duration::from_secs(secs);

@@ -80,6 +80,10 @@ pub struct Behaviour {
     pub xclient: bool,
     /// Answer this many end-of-DATA with `451 4.3.0` before accepting again.
     pub tempfail_data: Arc<std::sync::atomic::AtomicU32>,
+    /// Close the connection right after the final reply to DATA (a server that resets).
+    pub close_after_data: bool,
+    /// Never answer the end of DATA (a server that stalls).
+    pub stall_at_end: bool,
 }
 
 #[derive(Clone)]
@@ -268,6 +272,9 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(None);
                 }
             }
+            if beh.stall_at_end {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
             let tempfail = beh
                 .tempfail_data
                 .fetch_update(
@@ -291,6 +298,12 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     tls,
                     auth: st.auth.clone(),
                 });
+            }
+            if beh.close_after_data {
+                io.get_mut()
+                    .write_all(format!("{r}\r\n").as_bytes())
+                    .await?;
+                return Ok(None);
             }
             format!("{r}\r\n")
         } else if upper == "RSET" {
