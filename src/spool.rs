@@ -540,68 +540,89 @@ impl Spool {
     }
 }
 
-/// The DSN: a human part, the machine-readable delivery status, the original headers.
+/// The DSN (RFC 3464): a human part, the machine-readable delivery status, the original
+/// headers. Composed with mail-builder; the original header section is found by mail-parser.
 fn build_dsn(host: &str, e: &Entry, failed: &[(SpooledRcpt, String)], content: &[u8]) -> Vec<u8> {
     use std::fmt::Write as _;
-    let boundary = format!("coexist-dsn-{}", e.id);
-    let date = crate::smtp::session::rfc5322_date(SystemTime::now());
+
+    use mail_builder::MessageBuilder;
+    use mail_builder::headers::content_type::ContentType;
+    use mail_builder::headers::raw::Raw;
+    use mail_builder::mime::MimePart;
+
+    let mut text = format!(
+        "The mail system at {host} could not deliver your message to the\r\nfollowing recipient(s):\r\n\r\n"
+    );
+    for (r, why) in failed {
+        let _ = write!(text, "  <{}>: {}\r\n", r.address, one_line(why));
+    }
     let arrival = crate::smtp::session::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.created));
-    let mut m = String::new();
-    let _ = write!(
-        m,
-        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\nTo: <{from}>\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\nDate: {date}\r\n\
-         Message-ID: <dsn-{id}@{host}>\r\nAuto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"{boundary}\"\r\n\r\n\
-         This is a MIME-encapsulated message.\r\n\r\n--{boundary}\r\n\
-         Content-Type: text/plain; charset=utf-8\r\n\r\n\
-         The mail system at {host} could not deliver your message to the\r\n\
-         following recipient(s):\r\n\r\n",
-        from = e.from,
-        id = e.id,
-    );
-    for (r, why) in failed {
-        let _ = write!(m, "  <{}>: {}\r\n", r.address, one_line(why));
-    }
-    let _ = write!(
-        m,
-        "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n\
-         Reporting-MTA: dns; {host}\r\nArrival-Date: {arrival}\r\n"
-    );
+    let mut status = format!("Reporting-MTA: dns; {host}\r\nArrival-Date: {arrival}\r\n");
     if let Some(env) = &e.env_id {
-        let _ = write!(m, "Original-Envelope-Id: {}\r\n", one_line(env));
+        let _ = write!(status, "Original-Envelope-Id: {}\r\n", one_line(env));
     }
     for (r, why) in failed {
-        let status = status_code(why);
         let _ = write!(
-            m,
-            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {status}\r\n\
-             Diagnostic-Code: smtp; {}\r\n",
+            status,
+            "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
             r.address,
+            status_code(why),
             one_line(why)
         );
         if let Some(o) = &r.orcpt {
-            let _ = write!(m, "Original-Recipient: rfc822; {}\r\n", one_line(o));
+            let _ = write!(status, "Original-Recipient: rfc822; {}\r\n", one_line(o));
         }
     }
-    let _ = write!(
-        m,
-        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+    // The original header section, from the content as DATA carried it (un-stuffed).
+    let original = dot_unstuff(content);
+    let headers = mail_parser::MessageParser::default()
+        .parse_headers(&original)
+        .map(|m| {
+            let end = (m.root_part().raw_body_offset() as usize).min(original.len());
+            String::from_utf8_lossy(&original[..end])
+                .trim_end()
+                .to_string()
+                + "\r\n"
+        })
+        .unwrap_or_default();
+    let report = MimePart::new(
+        ContentType::new("multipart/report").attribute("report-type", "delivery-status"),
+        vec![
+            MimePart::new(
+                ContentType::new("text/plain").attribute("charset", "utf-8"),
+                text,
+            ),
+            MimePart::new("message/delivery-status", status),
+            MimePart::new("text/rfc822-headers", headers),
+        ],
     );
-    // The original header section, un-stuffed from its DATA form.
-    for line in String::from_utf8_lossy(content).split("\r\n") {
-        if line.is_empty() {
-            break;
+    MessageBuilder::new()
+        .from((
+            "Mail Delivery System".to_string(),
+            format!("MAILER-DAEMON@{host}"),
+        ))
+        .to(e.from.clone())
+        .subject("Undelivered Mail Returned to Sender")
+        .message_id(format!("dsn-{}@{host}", e.id))
+        .header("Auto-Submitted", Raw::new("auto-replied"))
+        .body(report)
+        .write_to_vec()
+        .unwrap_or_default()
+}
+
+/// The message from its DATA form: a leading `.` doubled by the sender is removed.
+fn dot_unstuff(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(content.len());
+    let mut start = true;
+    for (i, &b) in content.iter().enumerate() {
+        if start && b == b'.' && content.get(i + 1) == Some(&b'.') {
+            start = false;
+            continue;
         }
-        let line = line
-            .strip_prefix('.')
-            .filter(|_| line.starts_with(".."))
-            .unwrap_or(line);
-        m.push_str(line);
-        m.push_str("\r\n");
+        out.push(b);
+        start = b == b'\n';
     }
-    let _ = write!(m, "\r\n--{boundary}--\r\n");
-    m.into_bytes()
+    out
 }
 
 fn one_line(s: &str) -> String {
@@ -737,6 +758,7 @@ mod tests {
         assert_eq!(status_code("4.4.7 delivery time expired"), "5.4.7");
         assert_eq!(status_code("garbage"), "5.0.0");
         assert_eq!(dot_stuff(b".a\r\nb\r\n.\r\n"), b"..a\r\nb\r\n..\r\n");
+        assert_eq!(dot_unstuff(b"..a\r\nb\r\n..\r\n"), b".a\r\nb\r\n.\r\n");
     }
 
     #[test]

@@ -858,7 +858,7 @@ async fn a_spooled_recipient_refused_for_good_gets_the_sender_a_dsn() {
     assert_eq!(dsn.rcpts, ["bob@example.com"]);
     let t = dsn.body_text();
     for want in [
-        "Content-Type: multipart/report; report-type=delivery-status",
+        "Content-Type: multipart/report; report-type=\"delivery-status\"",
         "Final-Recipient: rfc822; alice@example.com",
         "Action: failed",
         "Status: 5.7.1",
