@@ -108,6 +108,10 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
         let mode = format!("{mode:?}").to_lowercase();
         println!("  SMTP {mode} listener on {addr}");
     }
+    println!(
+        "  status page    http://{}/ (admin API, /metrics)",
+        running.admin_addr
+    );
     drop(table);
     if let Some(relay) = relay {
         println!("\nA short tour — three messages sent through the proxy:");
@@ -119,10 +123,11 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
         println!("  swaks {r} --to bob@example.com                    # pilot user → NEW");
         println!("  swaks {r} --to alice@example.com,dave@example.com # one copy to each side");
         println!("  swaks {r} --to someone@gmail.com                  # 550 5.7.1 relaying denied");
-        println!(
-            "  coexist lookup -c {} Alice.Smith@example.com 'EXAMPLE\\dave'",
-            routes_path.with_file_name("coexist.toml").display()
-        );
+        let cfg = routes_path.with_file_name("coexist.toml");
+        let cfg = cfg.display();
+        println!("  coexist lookup -c {cfg} Alice.Smith@example.com 'EXAMPLE\\dave'");
+        println!("  coexist cutover berlin --to new -c {cfg}   # carol moves to NEW; try again");
+        println!("  coexist rollback -c {cfg}");
     }
     println!("\nDeliveries are printed below. Ctrl-C stops the demo.");
     wait_for_stop().await;
