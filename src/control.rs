@@ -398,9 +398,7 @@ impl Control {
                 let Some(entry) = kept.iter().rev().find(|e| e.version != active_v) else {
                     return Err(RollbackError::NoEarlier.into());
                 };
-                self.state.restore(entry)?;
-                let table = load_routes(&self.routes_path, &self.targets)
-                    .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))?;
+                let table = self.restore_and_load(&kept, entry, &active)?;
                 return self.apply(table, format!("rollback to {}", entry.version), by, false);
             }
             Err(RollbackError::UnknownVersion(v)) => {
@@ -408,9 +406,7 @@ impl Control {
                 let Some(entry) = kept.iter().rev().find(|e| version_matches(e, &v)) else {
                     return Err(RollbackError::UnknownVersion(v).into());
                 };
-                self.state.restore(entry)?;
-                let table = load_routes(&self.routes_path, &self.targets)
-                    .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))?;
+                let table = self.restore_and_load(&kept, entry, &active)?;
                 return self.apply(table, format!("rollback to {}", entry.version), by, false);
             }
             Err(e) => return Err(e.into()),
@@ -434,6 +430,29 @@ impl Control {
             to: target,
             diff,
         })
+    }
+
+    /// Puts a kept version's files back and compiles them; if they no longer compile (the
+    /// targets changed since), the active version's files are put back, so the files on disk
+    /// never disagree with the table that serves.
+    fn restore_and_load(
+        &self,
+        kept: &[HistoryEntry],
+        entry: &HistoryEntry,
+        active: &RoutingTable,
+    ) -> Result<RoutingTable, ControlError> {
+        let active_v = active.version().to_string();
+        let current = kept.iter().rev().find(|e| e.version == active_v);
+        self.state.restore(entry)?;
+        match load_routes(&self.routes_path, &self.targets) {
+            Ok(t) => Ok(t),
+            Err(LoadError::Invalid(d)) => {
+                if let Some(c) = current {
+                    self.state.restore(c)?;
+                }
+                Err(self.rejected(ControlError::Rejected(d)))
+            }
+        }
     }
 
     /// Applied versions, newest first.

@@ -165,6 +165,11 @@ impl Drop for SpoolWriter {
 pub struct Spool {
     settings: SpoolSettings,
     counter: AtomicU64,
+    /// Serialises every change to an entry file: the retry worker and the admin API (retry,
+    /// delete) both rewrite entries, and a lost update could deliver a recipient twice.
+    entries: std::sync::Mutex<()>,
+    /// Messages in the queue, for the gauge (not re-counted from disk on every change).
+    queued: AtomicU64,
     /// Wakes the retry worker early (a new entry, or `queue retry`).
     kick: watch::Sender<()>,
 }
@@ -192,10 +197,23 @@ impl Spool {
         let s = Arc::new(Spool {
             settings,
             counter: AtomicU64::new(0),
+            entries: std::sync::Mutex::new(()),
+            queued: AtomicU64::new(0),
             kick,
         });
-        metrics::gauge!("coexist_spool_messages").set(s.list().len() as f64);
+        s.queued.store(s.list().len() as u64, Ordering::Relaxed);
+        s.publish_gauge();
         Ok(s)
+    }
+
+    fn publish_gauge(&self) {
+        metrics::gauge!("coexist_spool_messages").set(self.queued.load(Ordering::Relaxed) as f64);
+    }
+
+    fn lock_entries(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn queue_dir(&self) -> PathBuf {
@@ -270,8 +288,10 @@ impl Spool {
         })();
         if done.is_err() {
             let _ = std::fs::remove_file(&w.path);
+        } else {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            self.publish_gauge();
         }
-        metrics::gauge!("coexist_spool_messages").set(self.list().len() as f64);
         let _ = self.kick.send(());
         done
     }
@@ -288,10 +308,21 @@ impl Spool {
         refused: &[(SpooledRcpt, String)],
         error: &str,
     ) -> Result<Option<String>, SpoolError> {
+        // The content is needed for the DSN's header part; read it before the commit moves it.
+        let content = if refused.is_empty() {
+            Vec::new()
+        } else {
+            std::fs::read(&w.path).map_err(io_err(&w.path))?
+        };
+        let msg_id = w.id.clone();
+        let id = if later.is_empty() {
+            None
+        } else {
+            Some(self.commit(w, from, later, error)?)
+        };
         if !refused.is_empty() {
-            let content = std::fs::read(&w.path).map_err(io_err(&w.path))?;
             let entry = Entry {
-                id: w.id.clone(),
+                id: msg_id,
                 from: from.address.clone(),
                 mail_flags: from.flags,
                 size: from.size,
@@ -302,17 +333,26 @@ impl Spool {
                 next_attempt: 0,
                 last_error: String::new(),
             };
-            self.bounce_now(&entry, refused, &content)?;
+            if let Err(e) = self.bounce_now(&entry, refused, &content) {
+                // Without anything spooled the client may still be told to retry; once part
+                // of the message is spooled it must not be (that part would be duplicated),
+                // so the lost DSN is only logged.
+                tracing::error!(error = %e, "cannot queue the DSN of a split delivery");
+                if id.is_none() {
+                    return Err(e);
+                }
+            }
         }
-        if later.is_empty() {
-            return Ok(None);
-        }
-        self.commit(w, from, later, error).map(Some)
+        Ok(id)
     }
 
     fn write_entry(&self, e: &Entry) -> Result<(), SpoolError> {
         let path = self.queue_dir().join(format!("{}.json", e.id));
-        let tmp = self.settings.dir.join("tmp").join(format!("{}.json", e.id));
+        let tmp = self.settings.dir.join("tmp").join(format!(
+            "{}.json.{}",
+            e.id,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        ));
         let json = serde_json::to_vec_pretty(e).map_err(|x| SpoolError::Io {
             path: path.clone(),
             source: std::io::Error::other(x),
@@ -349,6 +389,11 @@ impl Spool {
 
     /// Removes a message from the spool (an operator's decision; it is not delivered).
     pub fn delete(&self, id: &str) -> Result<(), SpoolError> {
+        let _g = self.lock_entries();
+        self.delete_locked(id)
+    }
+
+    fn delete_locked(&self, id: &str) -> Result<(), SpoolError> {
         if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(SpoolError::NotFound(id.to_string()));
         }
@@ -359,12 +404,16 @@ impl Spool {
         std::fs::remove_file(&json).map_err(io_err(&json))?;
         let _ = std::fs::remove_file(self.queue_dir().join(format!("{id}.eml")));
         fsync_dir(&self.queue_dir());
-        metrics::gauge!("coexist_spool_messages").set(self.list().len() as f64);
+        let _ = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.publish_gauge();
         Ok(())
     }
 
     /// Makes a message (or every one) due now.
     pub fn retry_now(&self, id: Option<&str>) -> Result<usize, SpoolError> {
+        let _g = self.lock_entries();
         let mut n = 0;
         for mut e in self.list() {
             if id.is_none_or(|i| i == e.id) {
@@ -405,10 +454,18 @@ impl Spool {
     /// One delivery attempt: each recipient to its owner in the table of now.
     async fn attempt(&self, mut e: Entry, router: &Router, backends: &Backends) {
         let eml = self.queue_dir().join(format!("{}.eml", e.id));
-        let Ok(content) = tokio::fs::read(&eml).await else {
-            tracing::error!(id = %e.id, "spooled content missing; dropping the entry");
-            let _ = self.delete(&e.id);
-            return;
+        let content = match tokio::fs::read(&eml).await {
+            Ok(c) => c,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                tracing::error!(id = %e.id, "spooled content missing; dropping the entry");
+                let _ = self.delete(&e.id);
+                return;
+            }
+            Err(err) => {
+                // Out of file descriptors, a permission slip: try again later, lose nothing.
+                tracing::error!(id = %e.id, error = %err, "cannot read spooled content; will retry");
+                return;
+            }
         };
         let table = router.snapshot();
         let mut groups: BTreeMap<String, Vec<SpooledRcpt>> = BTreeMap::new();
@@ -483,17 +540,31 @@ impl Spool {
             );
             bounced.extend(remaining.drain(..).map(|r| (r, why.clone())));
         }
-        if !bounced.is_empty() {
-            self.bounce(&e, &bounced, &content);
+        // A DSN that cannot be queued keeps its recipients in the entry: tried again later.
+        let mut keep: Vec<SpooledRcpt> = Vec::new();
+        if !bounced.is_empty()
+            && let Err(err) = self.bounce_now(&e, &bounced, &content)
+        {
+            tracing::error!(id = %e.id, error = %err, "cannot queue a DSN; keeping the recipients");
+            keep.extend(bounced.iter().map(|(r, _)| r.clone()));
         }
-        if remaining.is_empty() {
-            let _ = self.delete(&e.id);
+        keep.extend(remaining);
+        // Merge with the entry as it is on disk now (the admin API may have changed it).
+        let _g = self.lock_entries();
+        let Ok(mut cur) = self.get(&e.id) else {
+            return; // deleted by an operator meanwhile
+        };
+        cur.rcpts.retain(|r| keep.contains(r));
+        if cur.rcpts.is_empty() {
+            let _ = self.delete_locked(&e.id);
             return;
         }
-        e.rcpts = remaining;
-        e.last_error = errors.join("; ");
-        e.next_attempt = now() + backoff(&self.settings, e.attempts, &e.id).as_secs();
-        if let Err(err) = self.write_entry(&e) {
+        cur.attempts = e.attempts;
+        cur.last_error = errors.join("; ");
+        if cur.next_attempt != 0 {
+            cur.next_attempt = now() + backoff(&self.settings, e.attempts, &e.id).as_secs();
+        }
+        if let Err(err) = self.write_entry(&cur) {
             tracing::error!(id = %e.id, error = %err, "cannot update spool entry");
         }
     }
@@ -503,12 +574,6 @@ impl Spool {
     /// Tells the sender which recipients failed for good (RFC 3464 DSN, multipart/report),
     /// spooled like any message so it is retried too. Never for a null sender: a DSN about
     /// a DSN would loop.
-    fn bounce(&self, e: &Entry, failed: &[(SpooledRcpt, String)], content: &[u8]) {
-        if let Err(err) = self.bounce_now(e, failed, content) {
-            tracing::error!(id = %e.id, error = %err, "cannot queue a DSN");
-        }
-    }
-
     fn bounce_now(
         &self,
         e: &Entry,

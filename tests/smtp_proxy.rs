@@ -914,3 +914,27 @@ async fn a_split_delivery_refused_for_good_on_one_side_is_answered_250_with_a_ds
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(old.messages().len(), 2, "no duplicate");
 }
+
+#[tokio::test]
+async fn a_target_that_refuses_the_data_command_is_spooled_too() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour {
+        tempfail_data_cmd: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        ..Behaviour::default()
+    })
+    .await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<a@internet.example>", "250").await;
+    c.expect("RCPT TO:<alice@example.com>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    // NEW refused DATA itself, so only OLD streamed the message: NEW's part is still spooled.
+    let r = c.cmd("Message-ID: <d@test>\r\n\r\nhi\r\n.").await;
+    assert!(r.starts_with("250") && r.contains("queued"), "{r}");
+    assert_eq!(old.wait_for(1).await.len(), 1);
+    let n = new.wait_for(1).await;
+    assert_eq!(n.len(), 1, "delivered from the spool");
+    assert_eq!(n[0].rcpts, ["alice@example.com"]);
+}

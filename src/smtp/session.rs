@@ -125,6 +125,8 @@ pub struct Session<S> {
     auth: Option<Auth>,
     errors: u32,
     shutdown: watch::Receiver<bool>,
+    /// Set when the session must end after the reply being sent (a 421).
+    closing: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -144,6 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth: None,
             errors: 0,
             shutdown,
+            closing: false,
         }
     }
 
@@ -238,7 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&codes::line_too_long());
                 continue;
             }
-            if !self.handle(&line).await? {
+            if !self.handle(&line).await? || self.closing {
                 self.flush().await?;
                 self.io.shutdown().await;
                 return Ok(());
@@ -548,8 +551,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let Some(auth) = self.auth.as_mut() {
             part.pinned = true;
             let Some(mut conn) = auth.conn.take() else {
-                part.failed = Some(codes::target_unavailable());
-                return (part, codes::target_unavailable());
+                // The authenticated connection is gone (an aborted message closed it): the
+                // client must log in again, on a new connection.
+                let r = Reply::new(
+                    421,
+                    "4.4.2 Connection to your mailbox server was lost, please reconnect",
+                );
+                self.closing = true;
+                part.failed = Some(r.clone());
+                return (part, r);
             };
             let reply = match mail_line(from, &conn.caps) {
                 Err(r) => {
@@ -591,6 +601,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let attrs = self.xclient_attrs();
                 match conn.xclient(&attrs, &self.ctx.hostname).await {
                     Ok(r) if r.code == 220 => {}
+                    Ok(r) if conn.reused && attempt == 0 => {
+                        // This connection still carries the previous client's identity.
+                        tracing::warn!(target = %target.name, reply = %r, "XCLIENT refused on a reused connection; using a fresh one");
+                        conn.abort();
+                        continue;
+                    }
                     Ok(r) => tracing::warn!(target = %target.name, reply = %r, "XCLIENT refused"),
                     Err(e) if conn.reused && attempt == 0 => {
                         tracing::debug!(error = %e, "pooled backend connection was stale");
@@ -658,7 +674,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         };
         let Some(txn) = self.txn.as_mut() else { return };
-        if txn.parts.iter().filter(|p| p.live()).count() > 1 {
+        // Every target that accepted recipients counts, live or not: one that failed DATA
+        // already has a part that must be spooled if the others take the message.
+        if txn.parts.iter().filter(|p| !p.accepted.is_empty()).count() > 1 {
             txn.spool = spool.writer();
         }
     }
@@ -1038,7 +1056,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         } else if accepted.is_empty() {
             combine_failures(failed.into_iter())
-        } else if let Some(queued) = self.spool_rest(&accepted) {
+        } else if let Some(queued) = self.spool_rest(&accepted).await {
             queued
         } else {
             // Some targets hold the message, others do not, and the spool could not take
@@ -1058,9 +1076,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Some targets took the message and the others failed temporarily: the rest goes to
     /// the spool, durably, and the client may be told 250. `None` when that is not possible.
-    fn spool_rest(&mut self, accepted: &[(String, Reply)]) -> Option<Reply> {
+    async fn spool_rest(&mut self, accepted: &[(String, Reply)]) -> Option<Reply> {
         let txn = self.txn.as_mut()?;
-        let spool = self.ctx.spool.as_ref()?;
+        let spool = Arc::clone(self.ctx.spool.as_ref()?);
         let writer = txn.spool.take()?;
         let mut later = Vec::new();
         let mut refused = Vec::new();
@@ -1078,7 +1096,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let (n, bounced) = (later.len(), refused.len());
-        match spool.commit_split(writer, &txn.from, later, &refused, &why.join("; ")) {
+        let from = txn.from.clone();
+        // fsync and rename: blocking work, kept off the runtime's worker threads.
+        let committed = tokio::task::spawn_blocking(move || {
+            spool.commit_split(writer, &from, later, &refused, &why.join("; "))
+        })
+        .await;
+        let Ok(committed) = committed else {
+            return None;
+        };
+        match committed {
             Ok(id) => {
                 tracing::info!(
                     id = ?id, queued = n, bounced,

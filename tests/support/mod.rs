@@ -80,6 +80,8 @@ pub struct Behaviour {
     pub xclient: bool,
     /// Answer this many end-of-DATA with `451 4.3.0` before accepting again.
     pub tempfail_data: Arc<std::sync::atomic::AtomicU32>,
+    /// Answer this many DATA commands with `451 4.3.0` instead of 354.
+    pub tempfail_data_cmd: Arc<std::sync::atomic::AtomicU32>,
     /// Close the connection right after the final reply to DATA (a server that resets).
     pub close_after_data: bool,
     /// Never answer the end of DATA (a server that stalls).
@@ -255,6 +257,17 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     "250 2.1.5 Ok\r\n".into()
                 }
             }
+        } else if upper == "DATA"
+            && beh
+                .tempfail_data_cmd
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+        {
+            "451 4.3.0 Busy, try DATA later\r\n".into()
         } else if upper == "DATA" {
             io.get_mut().write_all(b"354 go\r\n").await?;
             let mut data = Vec::new();
