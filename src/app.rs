@@ -147,6 +147,18 @@ impl Running {
             ));
             smtp_addrs.push((l.mode, addr));
         }
+        // Histogram samples pile up in the recorder until they are folded into their
+        // summaries: without this, memory grows with every message between scrapes (the
+        // 30-minute soak showed it).
+        let mut stop_upkeep = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => admin::prometheus().run_upkeep(),
+                    () = crate::listener::stopped(&mut stop_upkeep) => return,
+                }
+            }
+        });
         // Health probes: up/down and capabilities, off the data path.
         let probe = Arc::clone(&backends);
         let interval = smtp.limits.health_interval;
