@@ -73,20 +73,16 @@ async fn sigkill_after_250_loses_nothing_and_mid_data_delivers_nothing() {
 
     let mut s = serve(&cfg, relay).await;
     // 1. A split message: OLD takes it, NEW tempfails, the rest is spooled, the client gets 250.
-    let mut c = Client::connect(relay_addr).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<alice@example.com>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(
+        relay_addr,
+        "a@internet.example",
+        &["alice@example.com", "bob@example.com"],
+    )
+    .await;
     c.expect("Message-ID: <acked@test>\r\n\r\nacknowledged\r\n.", "250")
         .await;
     // 2. Another message, cut off mid-DATA by the kill: the client never saw 250.
-    let mut c2 = Client::connect(relay_addr).await;
-    c2.expect("EHLO client.test", "250").await;
-    c2.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c2.expect("RCPT TO:<bob@example.com>", "250").await;
-    c2.expect("DATA", "354").await;
+    let mut c2 = Client::start_data(relay_addr, "a@internet.example", &["bob@example.com"]).await;
     c2.send(b"Message-ID: <cut@test>\r\n\r\nhalf of it").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     s.child.kill().unwrap(); // SIGKILL: no cleanup of any kind
@@ -141,11 +137,7 @@ async fn a_backend_that_closes_mid_data_gets_nothing_and_the_client_is_told() {
     let new = Backend::start(Behaviour::default()).await;
     let p = Proxy::start(old.addr, new.addr, "", "").await;
     // Single target: the client gets a temporary failure and will retry.
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
     let r = c
         .cmd(&format!(
             "Subject: big\r\n\r\n{}\r\n.",
@@ -184,11 +176,7 @@ async fn a_backend_that_resets_after_250_costs_nothing() {
     // The pooled connection the first message used is dead when the second starts: the
     // proxy must notice and use a fresh one, without the client seeing anything.
     for i in 0..3 {
-        let mut c = Client::connect(p.relay()).await;
-        c.expect("EHLO client.test", "250").await;
-        c.expect("MAIL FROM:<a@internet.example>", "250").await;
-        c.expect("RCPT TO:<bob@example.com>", "250").await;
-        c.expect("DATA", "354").await;
+        let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
         c.expect(&format!("Message-ID: <r{i}@test>\r\n\r\nhi\r\n."), "250")
             .await;
     }
@@ -205,11 +193,7 @@ async fn a_backend_that_stalls_past_the_timeout_is_a_temporary_failure() {
     .await;
     let new = Backend::start(Behaviour::default()).await;
     let p = Proxy::start(old.addr, new.addr, "backend_timeout_secs = 1", "").await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
     let started = std::time::Instant::now();
     let r = c.cmd("Subject: stall\r\n\r\nhi\r\n.").await;
     assert!(r.starts_with("451"), "{r}");

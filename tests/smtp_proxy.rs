@@ -207,11 +207,7 @@ async fn bdat_is_translated_to_data() {
 async fn smuggling_attempts_never_reach_a_backend() {
     let (old, new, p) = setup().await;
     for fake_end in ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r", "\r\n.\r"] {
-        let mut c = Client::connect(p.relay()).await;
-        c.expect("EHLO client.test", "250").await;
-        c.expect("MAIL FROM:<a@internet.example>", "250").await;
-        c.expect("RCPT TO:<bob@example.com>", "250").await;
-        c.expect("DATA", "354").await;
+        let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
         let payload = format!(
             "Subject: innocent\r\n\r\nhello{fake_end}MAIL FROM:<ceo@example.com>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\nSubject: spoofed\r\n\r\nsend money\r\n.\r\n"
         );
@@ -247,11 +243,7 @@ async fn bare_lf_in_bdat_is_refused_too() {
 #[tokio::test]
 async fn loop_guard_and_limits() {
     let (old, _new, p) = setup().await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
     let mut msg = String::new();
     for i in 0..51 {
         let _ = write!(msg, "Received: from hop{i} by hop{}\r\n", i + 1);
@@ -623,11 +615,7 @@ async fn a_dead_server_fails_over_to_the_next() {
 async fn a_client_that_vanishes_mid_data_delivers_nothing() {
     let (old, _new, p) = setup().await;
     let closed_before = *old.closed.lock().unwrap();
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(p.relay(), "a@internet.example", &["bob@example.com"]).await;
     c.send(b"Subject: half\r\n\r\nhalf a message").await;
     drop(c);
     // The backend connection is cut at once (not sent an RSET that it would take as text).
@@ -701,12 +689,12 @@ async fn a_split_delivery_is_spooled_and_delivered_once_later() {
     })
     .await;
     let p = Proxy::start(old.addr, new.addr, "", "").await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<alice@example.com>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(
+        p.relay(),
+        "a@internet.example",
+        &["alice@example.com", "bob@example.com"],
+    )
+    .await;
     // NEW tempfails this message; OLD takes it. The client gets 250: the rest is on disk.
     let r = c
         .cmd("Message-ID: <split@test>\r\nSubject: split\r\n\r\n.dot line\r\nhi\r\n.")
@@ -753,12 +741,12 @@ async fn the_spool_survives_a_restart() {
     .await;
     let p = Proxy::start(old.addr, new.addr, "", "").await;
     let cfg = p.dir.path().join("coexist.toml");
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<alice@example.com>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(
+        p.relay(),
+        "a@internet.example",
+        &["alice@example.com", "bob@example.com"],
+    )
+    .await;
     c.expect("Subject: restart\r\n\r\nhi\r\n.", "250").await;
     // Stop at once, before the first retry is due.
     let Proxy { running, dir, .. } = p;
@@ -891,12 +879,12 @@ async fn a_split_delivery_refused_for_good_on_one_side_is_answered_250_with_a_ds
     })
     .await;
     let p = Proxy::start(old.addr, new.addr, "", "").await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<bob@example.com>", "250").await;
-    c.expect("RCPT TO:<alice@example.com>", "250").await;
-    c.expect("RCPT TO:<carol@example.org>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(
+        p.relay(),
+        "bob@example.com",
+        &["alice@example.com", "carol@example.org"],
+    )
+    .await;
     // No 451 (which would make the client send carol a second copy): 250, and a DSN.
     let r = c.cmd("Subject: half refused\r\n\r\nhi\r\n.").await;
     assert!(
@@ -924,12 +912,12 @@ async fn a_target_that_refuses_the_data_command_is_spooled_too() {
     })
     .await;
     let p = Proxy::start(old.addr, new.addr, "", "").await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<a@internet.example>", "250").await;
-    c.expect("RCPT TO:<alice@example.com>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
+    let mut c = Client::start_data(
+        p.relay(),
+        "a@internet.example",
+        &["alice@example.com", "bob@example.com"],
+    )
+    .await;
     // NEW refused DATA itself, so only OLD streamed the message: NEW's part is still spooled.
     let r = c.cmd("Message-ID: <d@test>\r\n\r\nhi\r\n.").await;
     assert!(r.starts_with("250") && r.contains("queued"), "{r}");

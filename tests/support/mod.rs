@@ -540,6 +540,21 @@ impl Client<TcpStream> {
     }
 }
 
+impl Client<TcpStream> {
+    /// Connects and runs EHLO, MAIL and every RCPT (each must get 250), then DATA (354):
+    /// ready for the message text.
+    pub async fn start_data(addr: SocketAddr, from: &str, rcpts: &[&str]) -> Self {
+        let mut c = Client::connect(addr).await;
+        c.expect("EHLO client.test", "250").await;
+        c.expect(&format!("MAIL FROM:<{from}>"), "250").await;
+        for r in rcpts {
+            c.expect(&format!("RCPT TO:<{r}>"), "250").await;
+        }
+        c.expect("DATA", "354").await;
+        c
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Reads one (possibly multi-line) reply, returned as its lines joined with `\n`.
     pub async fn reply(&mut self) -> String {
