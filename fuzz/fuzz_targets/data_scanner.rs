@@ -31,6 +31,15 @@ fuzz_target!(|data: &[u8]| {
     let mut out_a = Vec::new();
     let end_a = a.feed(input, &mut out_a);
     no_bare_newlines(&out_a);
+    // The slow path alone, byte by byte: the reference the fast paths must match.
+    let mut refr = DataScanner::new(Mode::Dot, LIMITS);
+    let mut out_ref = Vec::new();
+    let end_ref = refr.feed_bytewise(input, &mut out_ref);
+    assert_eq!(end_a, end_ref);
+    assert_eq!(a.violation(), refr.violation());
+    if a.violation().is_none() {
+        assert_eq!(out_a, out_ref);
+    }
     // In chunks of a size the input chooses.
     let mut b = DataScanner::new(Mode::Dot, LIMITS);
     let mut out_b = Vec::new();

@@ -165,42 +165,93 @@ impl DataScanner {
         debug_assert_eq!(self.mode, Mode::Dot);
         let mut i = 0;
         while i < input.len() {
-            if self.plain_state() {
-                // Fast path: the bytes up to the next CR or LF decide nothing about the end
-                // of data, so they are checked and forwarded as one run.
-                let end = memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |j| i + j);
-                if end > i {
+            let last = self.tail[4];
+            // Nothing pending (no CR waiting for its LF, no line-start dot that may be the
+            // terminator): the common cases go in bulk, the rest byte by byte below.
+            if last != b'\r' && !(last == b'.' && self.tail[3] == b'\n') {
+                let b = input[i];
+                if b != b'\r' && b != b'\n' && !(b == b'.' && last == b'\n') {
+                    // Text up to the next CR or LF decides nothing about the end of data.
+                    let end =
+                        memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |j| i + j);
                     self.plain_run(&input[i..end], out);
                     i = end;
+                    continue;
+                }
+                if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
+                    // A CRLF that ends a line other than "." cannot end the data.
+                    self.crlf(out);
+                    i += 2;
                     continue;
                 }
             }
             let b = input[i];
             i += 1;
-            // End of data: CRLF "." CRLF, the first CRLF possibly the primed one.
-            if b == b'\n' && self.tail[1..] == *b"\r\n.\r" {
-                // The held `.` and `\r` are the terminator, not content; the size counted
-                // them, so take them back.
-                self.size = self.size.saturating_sub(2);
-                self.n_held = 0;
-                self.done = true;
+            if self.byte(b, out) {
                 return Some(i);
             }
-            self.check(b);
-            self.emit(b, out);
         }
         None
     }
 
-    /// True when the last byte seen is ordinary text (not CR, LF, or a dot that starts a
-    /// line): then no terminator or bare CR is pending and held bytes are decided.
-    fn plain_state(&self) -> bool {
-        let last = self.tail[4];
-        last != b'\r' && last != b'\n' && !(last == b'.' && self.tail[3] == b'\n')
+    /// One byte the slow way; true when it completes the end of data.
+    fn byte(&mut self, b: u8, out: &mut Vec<u8>) -> bool {
+        // End of data: CRLF "." CRLF, the first CRLF possibly the primed one.
+        if b == b'\n' && self.tail[1..] == *b"\r\n.\r" {
+            // The held `.` and `\r` are the terminator, not content; the size counted
+            // them, so take them back.
+            self.size = self.size.saturating_sub(2);
+            self.n_held = 0;
+            self.done = true;
+            return true;
+        }
+        self.check(b);
+        self.emit(b, out);
+        false
     }
 
-    /// A run of bytes without CR or LF, after ordinary text: the same bookkeeping as
-    /// [`Self::check`] byte by byte, done for the whole run.
+    /// The reference for [`Self::feed`]: every byte through the slow path (for tests and
+    /// the fuzzer, which check that the fast paths decide and forward exactly the same).
+    #[doc(hidden)]
+    pub fn feed_bytewise(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+        for (i, &b) in input.iter().enumerate() {
+            if self.byte(b, out) {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    /// A CRLF after ordinary text or at the start of a line (not after a line-start dot):
+    /// the bookkeeping of [`Self::check`] for both bytes, and both forwarded.
+    fn crlf(&mut self, out: &mut Vec<u8>) {
+        self.size += 2;
+        if self.size > self.limits.max_size {
+            self.violate(Violation::TooBig);
+        }
+        // The CR counts towards the line's length, as in `check`.
+        if self.line_len + 1 > self.limits.max_line {
+            self.violate(Violation::LineTooLong);
+        }
+        if self.line_len == 0 {
+            // An empty line ends the header section.
+            self.in_headers = false;
+        }
+        self.line_len = 0;
+        self.hdr_len = 0;
+        if self.violation.is_none() {
+            out.extend_from_slice(&self.held[..self.n_held]);
+            out.extend_from_slice(b"\r\n");
+        }
+        self.n_held = 0;
+        self.tail.copy_within(2.., 0);
+        self.tail[3] = b'\r';
+        self.tail[4] = b'\n';
+    }
+
+    /// A run of bytes without CR or LF, after ordinary text or at the start of a line (not
+    /// starting with a dot there): the same bookkeeping as [`Self::check`] byte by byte,
+    /// done for the whole run.
     fn plain_run(&mut self, run: &[u8], out: &mut Vec<u8>) {
         let n = run.len();
         self.size += n;
@@ -295,8 +346,16 @@ mod tests {
         (end, out, s.violation())
     }
 
-    /// Byte by byte must give the same result as all at once.
+    /// The slow path for every byte: what the fast paths must agree with.
     fn scan_bytewise(input: &[u8]) -> (Option<usize>, Vec<u8>, Option<Violation>) {
+        let mut s = DataScanner::new(Mode::Dot, LIMITS);
+        let mut out = Vec::new();
+        let end = s.feed_bytewise(input, &mut out);
+        (end, out, s.violation())
+    }
+
+    /// Fed one byte at a time: the fast paths see every boundary.
+    fn scan_split(input: &[u8]) -> (Option<usize>, Vec<u8>, Option<Violation>) {
         let mut s = DataScanner::new(Mode::Dot, LIMITS);
         let mut out = Vec::new();
         for (i, b) in input.iter().enumerate() {
@@ -310,7 +369,7 @@ mod tests {
     #[test]
     fn plain_message_ends_at_crlf_dot_crlf() {
         let msg = b"Subject: hi\r\n\r\nbody\r\n..stuffed\r\n.\r\nQUIT\r\n";
-        for f in [scan, scan_bytewise] {
+        for f in [scan, scan_bytewise, scan_split] {
             let (end, out, v) = f(msg);
             assert_eq!(end, Some(msg.len() - 6));
             assert_eq!(out, b"Subject: hi\r\n\r\nbody\r\n..stuffed\r\n");
@@ -362,9 +421,12 @@ mod tests {
             msg.extend_from_slice(b"\r\n.\r\n");
             let (a_end, a_out, a_v) = scan(&msg);
             let (b_end, b_out, b_v) = scan_bytewise(&msg);
+            let (c_end, c_out, c_v) = scan_split(&msg);
             prop_assert_eq!((a_end, a_v), (b_end, b_v));
+            prop_assert_eq!((c_end, c_v), (b_end, b_v));
             if a_v.is_none() {
                 prop_assert!(a_out == b_out);
+                prop_assert!(c_out == b_out);
             }
             for (i, &c) in a_out.iter().enumerate() {
                 if c == b'\n' {
@@ -399,7 +461,7 @@ mod tests {
             let mut msg = b"Subject: x\r\n\r\nhello".to_vec();
             msg.extend_from_slice(fake_end);
             msg.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@y>\r\nDATA\r\nspoof\r\n.\r\n");
-            for f in [scan, scan_bytewise] {
+            for f in [scan, scan_bytewise, scan_split] {
                 let (end, out, v) = f(&msg);
                 assert_eq!(end, Some(msg.len()), "{fake_end:?}");
                 assert_eq!(v, Some(Violation::BareNewline), "{fake_end:?}");

@@ -37,11 +37,21 @@ impl Reply {
         for i in 0..n {
             let text = self.lines.get(i).map_or("", String::as_str);
             let sep = if i + 1 == n { ' ' } else { '-' };
-            out.extend_from_slice(format!("{}{sep}", self.code).as_bytes());
-            out.extend(
-                text.bytes()
-                    .map(|b| if b.is_ascii_control() { b' ' } else { b }),
-            );
+            // Codes are 200..=599 (checked where replies are parsed or made): three digits.
+            let c = self.code.min(999);
+            out.extend_from_slice(&[
+                b'0' + (c / 100) as u8,
+                b'0' + (c / 10 % 10) as u8,
+                b'0' + (c % 10) as u8,
+                sep as u8,
+            ]);
+            let start = out.len();
+            out.extend_from_slice(text.as_bytes());
+            for b in &mut out[start..] {
+                if b.is_ascii_control() {
+                    *b = b' ';
+                }
+            }
             out.extend_from_slice(b"\r\n");
         }
     }

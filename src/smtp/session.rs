@@ -40,6 +40,8 @@ const MAX_AUTH_LINE: usize = 12288;
 const MAX_ERRORS: u32 = 20;
 /// Loop guard (SPEC §4).
 const MAX_RECEIVED: usize = 50;
+/// The largest content buffer a session keeps between messages.
+const MAX_SCRATCH: usize = 64 * 1024;
 
 /// What every session of one listener shares.
 pub struct SessionCtx {
@@ -79,11 +81,34 @@ struct Part {
     /// DATA was sent and no final reply read yet: the backend is reading message text, so
     /// the only safe way out is to drop the connection (an RSET would become message text).
     in_data: bool,
+    /// DATA went out pipelined behind MAIL and RCPT and its reply is in (see
+    /// [`Session::early_data`]): the client's DATA sends nothing more here, and the part
+    /// takes no more recipients (after a 354 the backend reads message text).
+    early: bool,
 }
 
 impl Part {
     fn live(&self) -> bool {
         self.failed.is_none() && self.conn.is_some() && !self.accepted.is_empty()
+    }
+
+    /// Takes in the replies that opened the backend transaction; returns the reply the
+    /// client gets for its RCPT.
+    fn opened(&mut self, o: Opened) -> Reply {
+        if !o.mail.is_positive() {
+            self.failed = Some(o.mail.clone());
+            return o.mail;
+        }
+        if let Some(d) = o.data {
+            self.early = true;
+            if d.code == 354 {
+                self.in_data = true;
+            } else if o.rcpt.is_positive() {
+                // The recipient is taken but the message is not: like a refused DATA later.
+                self.failed = Some(d);
+            }
+        }
+        o.rcpt
     }
 
     fn fail(&mut self, reply: Reply) {
@@ -106,6 +131,8 @@ struct Txn {
     /// A copy of the content, when the message goes to more than one target: what the
     /// spool keeps if only some of them take it.
     spool: Option<crate::spool::SpoolWriter>,
+    /// Some target was offered more than one recipient in this transaction.
+    multi_rcpt: bool,
 }
 
 /// The authenticated login of a submission session and its backend connection.
@@ -127,6 +154,12 @@ pub struct Session<S> {
     shutdown: watch::Receiver<bool>,
     /// Set when the session must end after the reply being sent (a 421).
     closing: bool,
+    /// Early DATA (see [`Session::early_data`]): guessed right so far — the last
+    /// transaction gave each target one recipient, and no guess of this session was wrong.
+    early_data_streak: bool,
+    early_data_missed: bool,
+    /// See [`Session::take_scratch`].
+    scratch: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -147,6 +180,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             errors: 0,
             shutdown,
             closing: false,
+            early_data_streak: false,
+            early_data_missed: false,
+            scratch: Vec::new(),
         }
     }
 
@@ -417,6 +453,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bdat: None,
             bdat_failed: None,
             spool: None,
+            multi_rcpt: false,
         });
         self.reply(&codes::sender_ok());
     }
@@ -481,10 +518,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&codes::deferred_other_target());
             return;
         }
+        let seen_target = txn.parts.iter().any(|p| Arc::ptr_eq(&p.target, &target));
+        // A part whose backend already answered an early DATA takes no more recipients.
         let existing = txn
             .parts
             .iter()
-            .position(|p| Arc::ptr_eq(&p.target, &target));
+            .position(|p| Arc::ptr_eq(&p.target, &target) && !p.early);
+        if seen_target {
+            txn.multi_rcpt = true;
+            if existing.is_none() {
+                // The early DATA guess was wrong: this recipient opens a second backend
+                // transaction for the same target (same message, other recipients).
+                self.early_data_missed = true;
+                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "split")
+                    .increment(1);
+            }
+        }
         let (idx, reply) = if let Some(idx) = existing {
             let txn = self.txn.as_mut().expect("checked above");
             let part = &mut txn.parts[idx];
@@ -505,7 +554,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             };
             (idx, reply)
         } else {
-            let (part, reply) = self.open_part(Arc::clone(&target), &to).await;
+            let early = self.early_data();
+            let (part, reply) = self.open_part(Arc::clone(&target), &to, early).await;
             let txn = self.txn.as_mut().expect("checked above");
             txn.parts.push(part);
             (txn.parts.len() - 1, reply)
@@ -534,10 +584,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&reply);
     }
 
+    /// Whether a new backend transaction gets DATA right behind its MAIL and RCPT (RFC 2920
+    /// lets DATA end a pipelined group). That saves the DATA round trip to the backend per
+    /// message — with a client that waits for each reply, a third of the backend's segments
+    /// — but a backend that answered 354 reads message text and takes no more recipients:
+    /// another recipient for it then opens a second backend transaction (same message,
+    /// other recipients: nothing lost or doubled, one more connection), and a transaction
+    /// that ends without a message costs the connection. So it is done when the client's
+    /// next command is already here and is DATA or BDAT (a pipelining client), or, when
+    /// nothing is here yet, if this session's previous message gave each target one
+    /// recipient and no guess of this session was wrong — never on a guess for an
+    /// authenticated session, whose one backend connection cannot be replaced.
+    fn early_data(&self) -> bool {
+        if self.early_data_missed {
+            return false;
+        }
+        let ahead = self.io.buffered();
+        if let Some(end) = ahead.iter().position(|&b| b == b'\n') {
+            let line = &ahead[..end];
+            return line.eq_ignore_ascii_case(b"DATA\r")
+                || (line.len() > 5 && line[..5].eq_ignore_ascii_case(b"BDAT "));
+        }
+        ahead.is_empty() && self.auth.is_none() && self.early_data_streak
+    }
+
     /// Opens the backend transaction for `target` with its first recipient: a connection
     /// (pooled, or the pinned submission one), MAIL FROM and RCPT TO — in one round trip
-    /// when the server supports PIPELINING. Returns the part and the reply to that RCPT.
-    async fn open_part(&mut self, target: Arc<Target>, to: &RcptTo<String>) -> (Part, Reply) {
+    /// when the server supports PIPELINING, with DATA behind them when `early`. Returns
+    /// the part and the reply to that RCPT.
+    async fn open_part(
+        &mut self,
+        target: Arc<Target>,
+        to: &RcptTo<String>,
+        early: bool,
+    ) -> (Part, Reply) {
         let mut part = Part {
             target: Arc::clone(&target),
             conn: None,
@@ -546,6 +626,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             pinned: false,
             done: false,
             in_data: false,
+            early: false,
         };
         let from = &self.txn.as_ref().expect("in a transaction").from;
         if let Some(auth) = self.auth.as_mut() {
@@ -566,12 +647,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     part.failed = Some(r.clone());
                     r
                 }
-                Ok(line) => match mail_and_rcpt(&mut conn, &line, to).await {
-                    Ok((m, _)) if !m.is_positive() => {
-                        part.failed = Some(m.clone());
-                        m
-                    }
-                    Ok((_, r)) => r,
+                Ok(line) => match open_txn(&mut conn, &line, to, early).await {
+                    Ok(o) => part.opened(o),
                     Err(_) => {
                         part.failed = Some(codes::target_unavailable());
                         codes::target_unavailable()
@@ -628,16 +705,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return (part, r);
                 }
             };
-            match mail_and_rcpt(&mut conn, &line, to).await {
-                Ok((m, _)) if !m.is_positive() => {
+            match open_txn(&mut conn, &line, to, early).await {
+                Ok(o) if !o.mail.is_positive() => {
                     // The server refused the sender; the connection itself is fine.
-                    if conn.rset().await {
+                    let r = part.opened(o);
+                    if !conn.broken && conn.rset().await {
                         self.ctx.backends.release(conn);
                     }
-                    part.failed = Some(m.clone());
-                    return (part, m);
+                    return (part, r);
                 }
-                Ok((_, r)) => {
+                Ok(o) => {
+                    let r = part.opened(o);
                     part.conn = Some(conn);
                     return (part, r);
                 }
@@ -681,6 +759,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// The buffer message content is scanned into, kept across the session's messages: a
+    /// fresh one per message cost a large malloc and free each time (and the heap trims).
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.scratch);
+        v.clear();
+        v
+    }
+
+    fn put_scratch(&mut self, v: Vec<u8>) {
+        // A buffer grown by a burst is not kept: sessions between messages stay small.
+        if v.capacity() <= MAX_SCRATCH {
+            self.scratch = v;
+        }
+    }
+
     fn spool_copy(&mut self, bytes: &[u8]) {
         if let Some(w) = self.txn.as_mut().and_then(|t| t.spool.as_mut()) {
             w.write(bytes);
@@ -695,11 +788,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !txn.parts.iter().any(|p| !p.accepted.is_empty()) {
             return Err(codes::no_valid_recipients());
         }
-        let sent = join_all(txn.parts.iter_mut().filter(|p| p.live()).map(|p| async {
-            let conn = p.conn.as_mut().expect("live part has a connection");
-            let r = conn.send("DATA\r\n").await;
-            (p, r)
-        }))
+        let sent = join_all(
+            txn.parts
+                .iter_mut()
+                .filter(|p| p.live() && !p.early)
+                .map(|p| async {
+                    let conn = p.conn.as_mut().expect("live part has a connection");
+                    let r = conn.send("DATA\r\n").await;
+                    (p, r)
+                }),
+        )
         .await;
         for (p, r) in sent {
             match r {
@@ -715,11 +813,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(txn) = self.txn.as_mut() else {
             return false;
         };
-        let replies = join_all(txn.parts.iter_mut().filter(|p| p.live()).map(|p| async {
-            let conn = p.conn.as_mut().expect("live part has a connection");
-            let r = conn.read_reply().await;
-            (p, r)
-        }))
+        let replies = join_all(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
+            |p| async {
+                let conn = p.conn.as_mut().expect("live part has a connection");
+                let r = conn.read_reply().await;
+                (p, r)
+            },
+        ))
         .await;
         for (p, r) in replies {
             match r {
@@ -817,27 +917,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.await_data_replies().await;
         self.start_spool_copy();
         let mut scanner = DataScanner::new(Mode::Dot, self.data_limits());
-        let mut out = Vec::with_capacity(64 * 1024);
+        let mut out = self.take_scratch();
         if self.ctx.add_received {
             out.extend_from_slice(&self.received_header());
         }
+        // `out[..spooled]` is in the spool copy already.
+        let mut spooled = 0;
         loop {
             let end = scanner.feed(self.io.buffered(), &mut out);
             let consumed = end.unwrap_or(self.io.buffered().len());
             self.io.consume(consumed);
-            self.spool_copy(&out);
+            self.spool_copy(&out[spooled..]);
+            spooled = out.len();
             if end.is_some() && scanner.violation().is_none() {
                 // The end of data goes out with the last bytes: one write, one segment.
                 out.extend_from_slice(b".\r\n");
             }
-            if !out.is_empty() {
+            // Our Received: header waits for the first content: one write, not two.
+            if !out.is_empty() && (consumed > 0 || end.is_some()) {
                 self.forward(&out).await;
                 out.clear();
+                spooled = 0;
             }
             if end.is_some() {
                 break;
             }
-            match self.io.fill(self.ctx.limits.data_timeout).await {
+            match self.io.fill_bulk(self.ctx.limits.data_timeout).await {
                 Ok(_) => {}
                 Err(e) => {
                     // The client vanished mid-DATA: nothing may be delivered.
@@ -846,6 +951,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+        self.put_scratch(out);
         let reply = self.finish_message(scanner.violation()).await;
         self.reply(&reply);
         Ok(())
@@ -890,10 +996,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         // Read exactly `size` bytes, streaming them through the scanner.
         let mut left = size;
-        let mut out = Vec::with_capacity(64 * 1024);
+        let mut out = self.take_scratch();
         while left > 0 {
             if self.io.buffered().is_empty()
-                && let Err(e) = self.io.fill(self.ctx.limits.data_timeout).await
+                && let Err(e) = self.io.fill_bulk(self.ctx.limits.data_timeout).await
             {
                 self.end_txn().await;
                 return Err(e.into());
@@ -930,6 +1036,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.spool_copy(&out);
                 self.forward(&out).await;
             }
+            self.put_scratch(out);
             return Ok(Some(codes::ok(&format!("{size} octets received"))));
         }
         sc.finish_raw(&mut out);
@@ -941,6 +1048,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !out.is_empty() {
             self.forward(&out).await;
         }
+        self.put_scratch(out);
         Ok(Some(self.finish_message(violation).await))
     }
 
@@ -1069,6 +1177,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             );
             codes::partial_duplicate_risk()
         };
+        if let Some(txn) = self.txn.as_ref() {
+            self.early_data_streak = !txn.multi_rcpt;
+            let used = txn.parts.iter().filter(|p| p.early && p.done).count();
+            if used > 0 {
+                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "used")
+                    .increment(used as u64);
+            }
+        }
         tracing::info!(peer = %self.peer, reply = %reply, "message");
         self.end_txn().await;
         reply
@@ -1139,6 +1255,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let Some(mut conn) = p.conn.take() else {
                 continue;
             };
+            if p.early && p.in_data && !conn.broken {
+                // An early DATA with no message behind it: the connection goes (an RSET
+                // would be message text), and this session stops guessing.
+                self.early_data_missed = true;
+                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "dropped")
+                    .increment(1);
+            }
             if conn.broken || p.in_data || (!p.done && !conn.rset().await) {
                 continue;
             }
@@ -1370,27 +1493,58 @@ fn count_rcpt(target: &str, site: &str, result: &'static str) {
     .increment(1);
 }
 
-/// MAIL FROM and the first RCPT TO: pipelined (RFC 2920) when the server allows it, else
-/// MAIL alone first. Returns the MAIL reply and the RCPT reply (a 503 stand-in when MAIL
-/// failed, as the client must not see the backend's reply to a RCPT without a sender).
-async fn mail_and_rcpt(
+/// The replies that open a backend transaction.
+struct Opened {
+    mail: Reply,
+    /// A 503 stand-in when MAIL failed: the client must not see the backend's reply to a
+    /// RCPT without a sender.
+    rcpt: Reply,
+    /// The reply to an early DATA, when one was sent.
+    data: Option<Reply>,
+}
+
+/// MAIL FROM and the first RCPT TO — and DATA when `early` — pipelined (RFC 2920: DATA may
+/// end a group) when the server allows it, else MAIL alone first and no early DATA.
+async fn open_txn(
     conn: &mut BackendConn,
     mail: &str,
     to: &RcptTo<String>,
-) -> Result<(Reply, Reply), BackendError> {
+    early: bool,
+) -> Result<Opened, BackendError> {
     let rcpt = rcpt_line(to, conn.caps.dsn);
     if conn.caps.pipelining {
-        let mut r = conn.pipeline(&[mail, &rcpt]).await?;
-        let rcpt_reply = r.pop().unwrap_or_else(codes::local_error);
-        let mail_reply = r.pop().unwrap_or_else(codes::local_error);
-        return Ok((mail_reply, rcpt_reply));
+        let all = [mail, rcpt.as_str(), "DATA\r\n"];
+        let n = if early { 3 } else { 2 };
+        let mut r = conn.pipeline(&all[..n]).await?.into_iter();
+        let mail = r.next().unwrap_or_else(codes::local_error);
+        let rcpt = r.next().unwrap_or_else(codes::local_error);
+        let data = r.next();
+        if data.as_ref().is_some_and(|d| d.code == 354) && !rcpt.is_positive() {
+            // A server that takes DATA without a recipient (RFC 5321 says it must not):
+            // whatever followed would be a message to nobody. Never reuse it.
+            conn.abort();
+        }
+        let rcpt = if mail.is_positive() {
+            rcpt
+        } else {
+            mail.clone()
+        };
+        return Ok(Opened { mail, rcpt, data });
     }
     let m = conn.command(mail).await?;
     if !m.is_positive() {
-        return Ok((m.clone(), m));
+        return Ok(Opened {
+            rcpt: m.clone(),
+            mail: m,
+            data: None,
+        });
     }
     let r = conn.command(&rcpt).await?;
-    Ok((m, r))
+    Ok(Opened {
+        mail: m,
+        rcpt: r,
+        data: None,
+    })
 }
 
 /// One reply for several failed parts: a temporary failure wins (the client retries).
