@@ -926,3 +926,176 @@ async fn a_target_that_refuses_the_data_command_is_spooled_too() {
     assert_eq!(n.len(), 1, "delivered from the spool");
     assert_eq!(n[0].rcpts, ["alice@example.com"]);
 }
+
+/// A client that pipelines (RFC 2920) its group MAIL, RCPT, DATA: the backend gets DATA in
+/// the same write as MAIL and RCPT, so the message costs it no extra round trip; the
+/// message arrives once and intact.
+#[tokio::test]
+async fn a_pipelined_data_goes_to_the_backend_with_mail_and_rcpt() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.send(b"MAIL FROM:<s@internet.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("354"));
+    c.expect("Subject: one\r\n\r\nbody\r\n.", "250").await;
+    let got = old.wait_for(1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].rcpts, ["bob@example.com"]);
+    assert!(got[0].body_text().ends_with("Subject: one\r\n\r\nbody\r\n"));
+    let pipelined = old.pipelined.lock().unwrap().clone();
+    assert!(
+        pipelined.iter().any(|c| c == "RCPT TO:<bob@example.com>"),
+        "DATA did not follow RCPT in the same write: {pipelined:?}"
+    );
+    // A pipelined group with two recipients for one target is never split: DATA is sent
+    // only behind the last of them.
+    c.send(
+        b"MAIL FROM:<s@internet.example>\r\nRCPT TO:<bob@example.com>\r\nRCPT TO:<dave@example.com>\r\nDATA\r\n",
+    )
+    .await;
+    for code in ["250", "250", "250", "354"] {
+        let r = c.reply().await;
+        assert!(r.starts_with(code), "{r}");
+    }
+    c.expect("Subject: two\r\n\r\nbody\r\n.", "250").await;
+    let got = old.wait_for(2).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].rcpts, ["bob@example.com", "dave@example.com"]);
+}
+
+/// A client that waits for each reply: after a one-recipient message, the next message's
+/// DATA goes to the backend ahead of the client's (a guess). When a second recipient for
+/// the same target proves the guess wrong, it gets its own backend transaction: every
+/// recipient still gets the message exactly once, with the same content.
+#[tokio::test]
+async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<s@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: first\r\n\r\nbody\r\n.", "250").await;
+    old.wait_for(1).await;
+
+    c.expect("MAIL FROM:<s@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    // The guess: the backend has DATA before the client sent it.
+    let cmds = old.commands.lock().unwrap().clone();
+    assert_eq!(cmds.last().map(String::as_str), Some("DATA"), "{cmds:?}");
+    c.expect("RCPT TO:<dave@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: second\r\n\r\nsame text\r\n.", "250")
+        .await;
+    let got = old.wait_for(3).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    let mut second: Vec<_> = got[1..].iter().map(|m| m.rcpts.clone()).collect();
+    second.sort();
+    assert_eq!(second, [["bob@example.com"], ["dave@example.com"]]);
+    assert_eq!(got[1].data, got[2].data);
+    assert!(
+        got[1]
+            .body_text()
+            .ends_with("Subject: second\r\n\r\nsame text\r\n")
+    );
+
+    // The session stops guessing after a miss: a third message is one transaction again.
+    c.expect("MAIL FROM:<s@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("RCPT TO:<dave@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: third\r\n\r\nx\r\n.", "250").await;
+    let got = old.wait_for(4).await;
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[3].rcpts, ["bob@example.com", "dave@example.com"]);
+    let (_, metrics) = p.admin("GET", "/metrics", None).await;
+    let text = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains("coexist_smtp_early_data_total{outcome=\"split\"}"),
+        "{text}"
+    );
+}
+
+/// A guessed early DATA followed by RSET (no message): nothing is delivered for it — the
+/// backend connection in DATA is closed, never fed an RSET that would be message text —
+/// and the next message goes through as usual.
+#[tokio::test]
+async fn an_early_data_without_a_message_delivers_nothing() {
+    let (old, _new, p) = setup().await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.expect("MAIL FROM:<s@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: first\r\n\r\nbody\r\n.", "250").await;
+    old.wait_for(1).await;
+    c.expect("MAIL FROM:<s@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("RSET", "250").await;
+    c.expect("MAIL FROM:<other@internet.example>", "250").await;
+    c.expect("RCPT TO:<bob@example.com>", "250").await;
+    c.expect("DATA", "354").await;
+    c.expect("Subject: after\r\n\r\nbody\r\n.", "250").await;
+    c.expect("QUIT", "221").await;
+    let got = old.wait_for(2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let got_later = old.messages();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got_later.len(), 2, "{got_later:?}");
+    assert_eq!(got[1].from, "<other@internet.example>");
+    assert!(!got.iter().any(|m| m.body_text().contains("RSET")));
+    // The connection that was in DATA was closed, not reused.
+    assert!(*old.closed.lock().unwrap() >= 1);
+}
+
+/// Early DATA meets a refusal: a recipient the backend refuses (its code reaches the
+/// client; no message without recipients), and a DATA the backend refuses (the client's
+/// final reply says so and nothing is delivered).
+#[tokio::test]
+async fn early_data_refusals_reach_the_client() {
+    let old = Backend::start(Behaviour {
+        rcpt_replies: HashMap::from([(
+            "gone@example.com".to_string(),
+            "550 5.1.1 No such user".to_string(),
+        )]),
+        tempfail_data_cmd: std::sync::Arc::new(std::sync::atomic::AtomicU32::new(1)),
+        ..Behaviour::default()
+    })
+    .await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start(old.addr, new.addr, "", "").await;
+    let mut c = Client::connect(p.relay()).await;
+    c.expect("EHLO client.test", "250").await;
+    c.send(b"MAIL FROM:<s@internet.example>\r\nRCPT TO:<gone@example.com>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    let r = c.reply().await;
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let r = c.reply().await;
+    assert!(r.starts_with("554"), "{r}");
+    // The backend's DATA tempfail (its one) comes with the early DATA of this message.
+    c.send(b"MAIL FROM:<s@internet.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    let r = c.reply().await;
+    if r.starts_with("354") {
+        let fin = c.cmd("Subject: x\r\n\r\nbody\r\n.").await;
+        assert!(fin.starts_with("451"), "{fin}");
+    } else {
+        assert!(r.starts_with("451"), "{r}");
+    }
+    // And the next one is delivered.
+    c.send(b"MAIL FROM:<s@internet.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n")
+        .await;
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("250"));
+    assert!(c.reply().await.starts_with("354"));
+    c.expect("Subject: y\r\n\r\nbody\r\n.", "250").await;
+    let got = old.wait_for(1).await;
+    assert_eq!(got.len(), 1);
+    assert!(got[0].body_text().ends_with("Subject: y\r\n\r\nbody\r\n"));
+}

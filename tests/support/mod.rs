@@ -96,6 +96,9 @@ pub struct Backend {
     /// Connections that have ended (closed by either side).
     pub closed: Arc<Mutex<u32>>,
     pub commands: Arc<Mutex<Vec<String>>>,
+    /// Commands that arrived with more of the client's bytes right behind them (sent in
+    /// the same write: pipelined).
+    pub pipelined: Arc<Mutex<Vec<String>>>,
 }
 
 impl Backend {
@@ -107,6 +110,7 @@ impl Backend {
             connections: Arc::default(),
             closed: Arc::default(),
             commands: Arc::default(),
+            pipelined: Arc::default(),
         };
         let b2 = b.clone();
         let beh = Arc::new(behaviour);
@@ -184,6 +188,9 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let cmd = line.trim_end().to_string();
         b.commands.lock().unwrap().push(cmd.clone());
+        if !io.buffer().is_empty() {
+            b.pipelined.lock().unwrap().push(cmd.clone());
+        }
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
             let mut r = String::from(
@@ -257,6 +264,11 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     "250 2.1.5 Ok\r\n".into()
                 }
             }
+        } else if upper == "DATA" && st.from.is_none() {
+            "503 5.5.1 Error: need MAIL command\r\n".into()
+        } else if upper == "DATA" && st.rcpts.is_empty() {
+            // As real servers do (RFC 5321 §3.3): no message without a recipient.
+            "554 5.5.1 Error: no valid recipients\r\n".into()
         } else if upper == "DATA"
             && beh
                 .tempfail_data_cmd
@@ -312,6 +324,9 @@ async fn backend_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     auth: st.auth.clone(),
                 });
             }
+            // The transaction is over either way (RFC 5321 §4.1.1.4).
+            st.from = None;
+            st.rcpts.clear();
             if beh.close_after_data {
                 io.get_mut()
                     .write_all(format!("{r}\r\n").as_bytes())
