@@ -37,7 +37,9 @@ fuzz_target!(|data: &[u8]| {
     let end_ref = refr.feed_bytewise(input, &mut out_ref);
     assert_eq!(end_a, end_ref);
     assert_eq!(a.violation(), refr.violation());
-    if a.violation().is_none() {
+    // Before the end, the slow path may still hold a byte or two that the fast paths have
+    // already decided and forwarded; once the data has ended both have forwarded it all.
+    if end_a.is_some() && a.violation().is_none() {
         assert_eq!(out_a, out_ref);
     }
     // In chunks of a size the input chooses.

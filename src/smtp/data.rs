@@ -164,32 +164,51 @@ impl DataScanner {
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         debug_assert_eq!(self.mode, Mode::Dot);
         let mut i = 0;
+        // `input[fwd..i]`: decided by the fast paths, copied to `out` in one go.
+        let mut fwd = 0;
         while i < input.len() {
             let last = self.tail[4];
             // Nothing pending (no CR waiting for its LF, no line-start dot that may be the
             // terminator): the common cases go in bulk, the rest byte by byte below.
             if last != b'\r' && !(last == b'.' && self.tail[3] == b'\n') {
                 let b = input[i];
-                if b != b'\r' && b != b'\n' && !(b == b'.' && last == b'\n') {
-                    // Text up to the next CR or LF decides nothing about the end of data.
-                    let end =
-                        memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |j| i + j);
-                    self.plain_run(&input[i..end], out);
-                    i = end;
+                let plain = b != b'\r' && b != b'\n' && !(b == b'.' && last == b'\n');
+                let crlf = b == b'\r' && input.get(i + 1) == Some(&b'\n');
+                if plain || crlf {
+                    if self.n_held > 0 {
+                        // Held bytes come only from the slow path, which left `fwd == i`:
+                        // they go out first, now decided.
+                        if self.violation.is_none() {
+                            out.extend_from_slice(&self.held[..self.n_held]);
+                        }
+                        self.n_held = 0;
+                    }
+                    if plain {
+                        // Text up to the next CR or LF decides nothing about the end of data.
+                        let end = memchr::memchr2(b'\r', b'\n', &input[i..])
+                            .map_or(input.len(), |j| i + j);
+                        self.plain_run(&input[i..end]);
+                        i = end;
+                    } else {
+                        // A CRLF that ends a line other than "." cannot end the data.
+                        self.crlf();
+                        i += 2;
+                    }
                     continue;
                 }
-                if b == b'\r' && input.get(i + 1) == Some(&b'\n') {
-                    // A CRLF that ends a line other than "." cannot end the data.
-                    self.crlf(out);
-                    i += 2;
-                    continue;
-                }
+            }
+            if self.violation.is_none() {
+                out.extend_from_slice(&input[fwd..i]);
             }
             let b = input[i];
             i += 1;
+            fwd = i;
             if self.byte(b, out) {
                 return Some(i);
             }
+        }
+        if self.violation.is_none() {
+            out.extend_from_slice(&input[fwd..i]);
         }
         None
     }
@@ -223,8 +242,8 @@ impl DataScanner {
     }
 
     /// A CRLF after ordinary text or at the start of a line (not after a line-start dot):
-    /// the bookkeeping of [`Self::check`] for both bytes, and both forwarded.
-    fn crlf(&mut self, out: &mut Vec<u8>) {
+    /// the bookkeeping of [`Self::check`] for both bytes (the caller forwards them).
+    fn crlf(&mut self) {
         self.size += 2;
         if self.size > self.limits.max_size {
             self.violate(Violation::TooBig);
@@ -239,11 +258,6 @@ impl DataScanner {
         }
         self.line_len = 0;
         self.hdr_len = 0;
-        if self.violation.is_none() {
-            out.extend_from_slice(&self.held[..self.n_held]);
-            out.extend_from_slice(b"\r\n");
-        }
-        self.n_held = 0;
         self.tail.copy_within(2.., 0);
         self.tail[3] = b'\r';
         self.tail[4] = b'\n';
@@ -251,8 +265,8 @@ impl DataScanner {
 
     /// A run of bytes without CR or LF, after ordinary text or at the start of a line (not
     /// starting with a dot there): the same bookkeeping as [`Self::check`] byte by byte,
-    /// done for the whole run.
-    fn plain_run(&mut self, run: &[u8], out: &mut Vec<u8>) {
+    /// done for the whole run (the caller forwards it).
+    fn plain_run(&mut self, run: &[u8]) {
         let n = run.len();
         self.size += n;
         if self.size > self.limits.max_size {
@@ -272,11 +286,6 @@ impl DataScanner {
         self.line_len += n;
         if self.line_len > self.limits.max_line {
             self.violate(Violation::LineTooLong);
-        }
-        if self.violation.is_none() {
-            out.extend_from_slice(&self.held[..self.n_held]);
-            out.extend_from_slice(run);
-            self.n_held = 0;
         }
         let k = n.min(5);
         self.tail.copy_within(k.., 0);

@@ -104,7 +104,7 @@ pub enum IoError {
 }
 
 /// Free room in the read buffer for message content (see [`LineIo::fill_bulk`]).
-const BULK_SPARE: usize = 16 * 1024;
+pub const BULK_SPARE: usize = 16 * 1024;
 
 pub struct LineIo<S> {
     pub conn: Conn<S>,

@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use futures_util::future::join_all;
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS,
     MAIL_SMTPUTF8, MailFrom, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER,
@@ -42,6 +41,23 @@ const MAX_ERRORS: u32 = 20;
 const MAX_RECEIVED: usize = 50;
 /// The largest content buffer a session keeps between messages.
 const MAX_SCRATCH: usize = 64 * 1024;
+
+/// Runs the futures concurrently (one per part of a message) and gives their outputs in
+/// order. Most messages have one part: that one is simply awaited, without `join_all`'s
+/// allocations and bookkeeping. (A macro, not a generic function: a generic one over these
+/// closures trips the compiler's `Send` inference for the session future.)
+macro_rules! join_each {
+    ($futures:expr $(,)?) => {{
+        let mut it = $futures.into_iter();
+        match (it.next(), it.next()) {
+            (None, _) => Vec::new(),
+            (Some(first), None) => vec![first.await],
+            (Some(first), Some(second)) => {
+                futures_util::future::join_all([first, second].into_iter().chain(it)).await
+            }
+        }
+    }};
+}
 
 /// What every session of one listener shares.
 pub struct SessionCtx {
@@ -764,6 +780,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn take_scratch(&mut self) -> Vec<u8> {
         let mut v = std::mem::take(&mut self.scratch);
         v.clear();
+        // One allocation of the size a read can bring, not a chain of doublings.
+        v.reserve(crate::smtp::io::BULK_SPARE + 1024);
         v
     }
 
@@ -788,17 +806,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !txn.parts.iter().any(|p| !p.accepted.is_empty()) {
             return Err(codes::no_valid_recipients());
         }
-        let sent = join_all(
-            txn.parts
-                .iter_mut()
-                .filter(|p| p.live() && !p.early)
-                .map(|p| async {
-                    let conn = p.conn.as_mut().expect("live part has a connection");
-                    let r = conn.send("DATA\r\n").await;
-                    (p, r)
-                }),
-        )
-        .await;
+        let sent = join_each!(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
+            |p| async {
+                let conn = p.conn.as_mut().expect("live part has a connection");
+                let r = conn.send("DATA\r\n").await;
+                (p, r)
+            }
+        ),);
         for (p, r) in sent {
             match r {
                 Ok(()) => p.in_data = true,
@@ -813,14 +827,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(txn) = self.txn.as_mut() else {
             return false;
         };
-        let replies = join_all(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
+        let replies = join_each!(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
             |p| async {
                 let conn = p.conn.as_mut().expect("live part has a connection");
                 let r = conn.read_reply().await;
                 (p, r)
             },
-        ))
-        .await;
+        ));
         for (p, r) in replies {
             match r {
                 Ok(r) if r.code == 354 => {}
@@ -1056,7 +1069,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn forward(&mut self, bytes: &[u8]) {
         let Some(txn) = self.txn.as_mut() else { return };
         let timeout = self.ctx.backends.settings.data_timeout;
-        let results = join_all(
+        let results = join_each!(
             txn.parts
                 .iter_mut()
                 .filter(|p| p.live())
@@ -1065,8 +1078,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let r = conn.write_data(bytes, timeout).await;
                     (p, r)
                 }),
-        )
-        .await;
+        );
         for (p, r) in results {
             if let Err(e) = r {
                 tracing::warn!(target = %p.target.name, error = %e, "backend failed during DATA");
@@ -1103,7 +1115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return codes::local_error();
         };
         let final_timeout = self.ctx.backends.settings.final_timeout;
-        let results = join_all(
+        let results = join_each!(
             txn.parts
                 .iter_mut()
                 .filter(|p| p.live())
@@ -1117,7 +1129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     (p, r)
                 }),
         )
-        .await;
+        ;
         let mut accepted = Vec::new();
         for (p, r) in results {
             match r {
