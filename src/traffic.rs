@@ -14,6 +14,8 @@ pub type PerTarget = BTreeMap<String, Vec<u64>>;
 /// Per (target, site), recipients over the window.
 pub type PerSite = BTreeMap<(String, String), u64>;
 
+type Rings = BTreeMap<String, BTreeMap<String, [Slot; MINUTES]>>;
+
 #[derive(Clone, Copy, Default)]
 struct Slot {
     minute: u64,
@@ -22,8 +24,9 @@ struct Slot {
 
 pub struct Traffic {
     started: Instant,
-    /// (target, site) → a ring of per-minute counts, indexed by minute modulo MINUTES.
-    rings: Mutex<BTreeMap<(String, String), [Slot; MINUTES]>>,
+    /// target → site → a ring of per-minute counts, indexed by minute modulo MINUTES.
+    /// Nested so that counting a recipient looks keys up by `&str`, allocating nothing.
+    rings: Mutex<Rings>,
 }
 
 impl Default for Traffic {
@@ -40,7 +43,7 @@ impl Traffic {
         self.started.elapsed().as_secs() / 60
     }
 
-    fn rings(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), [Slot; MINUTES]>> {
+    fn rings(&self) -> std::sync::MutexGuard<'_, Rings> {
         self.rings
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -50,9 +53,16 @@ impl Traffic {
     pub fn record(&self, target: &str, site: &str) {
         let now = self.minute();
         let mut rings = self.rings();
-        let ring = rings
-            .entry((target.to_string(), site.to_string()))
-            .or_insert([Slot::default(); MINUTES]);
+        let sites = match rings.get_mut(target) {
+            Some(s) => s,
+            None => rings.entry(target.to_string()).or_default(),
+        };
+        let ring = match sites.get_mut(site) {
+            Some(r) => r,
+            None => sites
+                .entry(site.to_string())
+                .or_insert([Slot::default(); MINUTES]),
+        };
         let slot = &mut ring[(now % MINUTES as u64) as usize];
         if slot.minute != now {
             *slot = Slot {
@@ -69,7 +79,11 @@ impl Traffic {
         let now = self.minute();
         let mut per_target = PerTarget::new();
         let mut per_site = BTreeMap::new();
-        for ((target, site), ring) in self.rings().iter() {
+        let rings = self.rings();
+        for (target, site, ring) in rings
+            .iter()
+            .flat_map(|(t, sites)| sites.iter().map(move |(s, r)| (t, s, r)))
+        {
             let series = per_target
                 .entry(target.clone())
                 .or_insert_with(|| vec![0; MINUTES]);
