@@ -464,6 +464,10 @@ site = "paris"
 [[mailbox]]
 address = "bob@example.com"
 site = "berlin"
+
+[[mailbox]]
+address = "carol@example.com"
+site = "paris"
 EOF
 
 start_bg coexist "$COEXIST_BIN" serve -c "$T/coexist.toml"
@@ -598,6 +602,69 @@ smuggle() {
   [ "$SW_RC" = 26 ] || { WHY="swaks exit $SW_RC, expected 26 (message refused after DATA): $(grep -m1 -E '^<\*\*' "$SW_OUT" || tail -n1 "$SW_OUT")"; return 1; }
   grep -qE '^<\*\* +5[0-9][0-9]' "$SW_OUT" || { WHY="refusal was not 5xx: $(grep -m1 '^<\*\*' "$SW_OUT")"; return 1; }
 }
+# A client that pipelines (swaks --pipeline: MAIL, RCPT, DATA in one write): coexist
+# sends DATA to Postfix in the same write as MAIL and RCPT ("early DATA").
+sc_pipelined_to_new() {
+  deliver_one pipelined-to-new alice@example.com alice@example.com "" --pipeline || return 1
+  grep -qE '^<-  250[ -]PIPELINING' "$SW_OUT" || { WHY="PIPELINING not advertised"; return 1; }
+}
+
+# Python's smtplib (waits for every reply) sends three messages over one connection:
+# after a one-recipient message coexist guesses that the next one has one recipient too
+# and sends Postfix its DATA early; the third message has a second NEW recipient, which
+# then goes to Postfix in a second transaction. Each recipient must get each message once.
+# metric 'NAME{LABELS}': its value on coexist's /metrics, 0 when absent
+metric() {
+  python3 - "$PORT_ADMIN" "$1" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+print(next((int(float(l.rsplit(" ", 1)[1])) for l in text.splitlines() if l.startswith(sys.argv[2] + " ")), 0))
+PY
+}
+
+sc_one_session_three_messages() {
+  local base=three-$RANDOM$RANDOM i used0 split0 used1 split1
+  used0=$(metric 'coexist_smtp_early_data_total{outcome="used"}')
+  split0=$(metric 'coexist_smtp_early_data_total{outcome="split"}')
+  if ! python3 - "$PORT_RELAY" "$base" >"$T/three.out" 2>&1 <<'PY'
+import smtplib, sys
+port, base = int(sys.argv[1]), sys.argv[2]
+with smtplib.SMTP("127.0.0.1", port, timeout=20) as s:
+    s.ehlo("client.interop.test")
+    for i, rcpts in enumerate([["alice@example.com"], ["alice@example.com"],
+                               ["alice@example.com", "carol@example.com"]], 1):
+        msg = (f"From: sender@client.interop.test\r\nTo: {', '.join(rcpts)}\r\n"
+               f"Subject: {base}-{i}\r\nMessage-Id: <{base}-{i}@client.interop.test>\r\n\r\n"
+               f"body {base}-{i}\r\n.leading dot\r\n")
+        refused = s.sendmail("sender@client.interop.test", rcpts, msg)
+        if refused:
+            sys.exit(f"message {i}: refused {refused}")
+PY
+  then
+    WHY="smtplib: $(tail -n1 "$T/three.out")"
+    return 1
+  fi
+  wait_count new "$base-3" 2 15 || { WHY="message 3 did not reach both NEW recipients; $(describe "$base-3")"; return 1; }
+  settle
+  for i in 1 2; do
+    [ "$(deliveries new "$base-$i" | paste -sd';' -)" = alice@example.com ] ||
+      { WHY="message $i: $(describe "$base-$i"), expected alice once"; return 1; }
+  done
+  [ "$(deliveries new "$base-3" | paste -sd';' -)" = "alice@example.com;carol@example.com" ] ||
+    { WHY="message 3: $(describe "$base-3"), expected alice and carol once each"; return 1; }
+  [ "$(count_with old "$base")" = 0 ] || { WHY="OLD got some: $(describe "$base")"; return 1; }
+  local f1 f2
+  f1=$(files_with new "$base-3" | head -1)
+  f2=$(files_with new "$base-3" | tail -1)
+  [ "$(body_of "$f1")" = "$(body_of "$f2")" ] || { WHY="the two copies of message 3 differ"; return 1; }
+  body_of "$f1" | grep -q '^\.leading dot$' || { WHY="dot-stuffing not undone: $(body_of "$f1" | tail -n1)"; return 1; }
+  # The path under test was taken: message 2 used an early DATA, message 3 was split.
+  used1=$(metric 'coexist_smtp_early_data_total{outcome="used"}')
+  split1=$(metric 'coexist_smtp_early_data_total{outcome="split"}')
+  [ "$used1" -gt "$used0" ] && [ "$split1" -gt "$split0" ] ||
+    { WHY="early DATA counters: used $used0 -> $used1, split $split0 -> $split1"; return 1; }
+}
+
 sc_smuggle_lf() { smuggle smuggle-lf-dot-lf '\n' '\n'; }
 sc_smuggle_crlf_lf() { smuggle smuggle-crlf-dot-lf '\r\n' '\n'; }
 sc_smuggle_lf_crlf() { smuggle smuggle-lf-dot-crlf '\n' '\r\n'; }
@@ -621,6 +688,8 @@ run mixed-fanout sc_mixed_fanout
 run relay-denied sc_relay_denied
 run starttls-relay sc_starttls_relay
 run submission-no-auth-before-tls sc_submission_no_auth_before_tls
+run pipelined-to-new sc_pipelined_to_new
+run one-session-three-messages sc_one_session_three_messages
 run smuggle-lf-dot-lf sc_smuggle_lf
 run smuggle-crlf-dot-lf sc_smuggle_crlf_lf
 run smuggle-lf-dot-crlf sc_smuggle_lf_crlf
