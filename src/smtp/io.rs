@@ -110,6 +110,8 @@ pub struct LineIo<S> {
     pub conn: Conn<S>,
     rbuf: BytesMut,
     wbuf: Vec<u8>,
+    /// The read deadline (see [`LineIo::fill`]); made on the first read.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
@@ -120,6 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
             // slowloris) should cost little. DATA grows the buffer as it needs.
             rbuf: BytesMut::with_capacity(1024),
             wbuf: Vec::new(),
+            timer: None,
         }
     }
 
@@ -151,9 +154,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
             };
             self.rbuf.reserve(more);
         }
-        let n = tokio::time::timeout(timeout, self.conn.read_buf(&mut self.rbuf))
-            .await
-            .map_err(|_| IoError::Timeout)??;
+        // One timer per connection, moved on for each read: a later deadline only updates
+        // the entry in place, where a fresh `timeout` per read registered and removed a
+        // timer every time (it showed in profiles of the hot path).
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timer = match &mut self.timer {
+            Some(t) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        let n = tokio::select! {
+            biased;
+            r = self.conn.read_buf(&mut self.rbuf) => r?,
+            () = timer.as_mut() => return Err(IoError::Timeout),
+        };
         if n == 0 {
             return Err(IoError::Closed);
         }
@@ -219,6 +237,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
     pub async fn flush(&mut self, timeout: Duration) -> Result<(), IoError> {
         if self.wbuf.is_empty() {
             return Ok(());
+        }
+        if matches!(self.conn, Conn::Plain(_)) {
+            // Nearly always the socket takes the whole write at once: try that first,
+            // without arming a timer (one per write showed in profiles of the hot path).
+            // TLS keeps its own buffer and needs the flush below.
+            let n = std::future::poll_fn(|cx| {
+                match Pin::new(&mut self.conn).poll_write(cx, &self.wbuf) {
+                    Poll::Pending => Poll::Ready(Ok(0)),
+                    done @ Poll::Ready(_) => done,
+                }
+            })
+            .await?;
+            self.wbuf.drain(..n);
+            if self.wbuf.is_empty() {
+                return Ok(());
+            }
         }
         let fut = async {
             self.conn.write_all(&self.wbuf).await?;
