@@ -1554,9 +1554,12 @@ async fn open_txn(
         let mail = r.next().unwrap_or_else(codes::local_error);
         let rcpt = r.next().unwrap_or_else(codes::local_error);
         let data = r.next();
-        if data.as_ref().is_some_and(|d| d.code == 354) && !rcpt.is_positive() {
-            // A server that takes DATA without a recipient (RFC 5321 says it must not):
-            // whatever followed would be a message to nobody. Never reuse it.
+        if data.as_ref().is_some_and(|d| d.code == 354)
+            && !(mail.is_positive() && rcpt.is_positive())
+        {
+            // A server that takes DATA without a sender or recipient (RFC 5321 says it
+            // must not) now reads message text: an RSET or the next client's commands
+            // would become part of a message. Never reuse it.
             conn.abort();
         }
         let rcpt = if mail.is_positive() {
