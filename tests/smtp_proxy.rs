@@ -966,13 +966,9 @@ async fn a_pipelined_data_goes_to_the_backend_with_mail_and_rcpt() {
     assert_eq!(got[1].rcpts, ["bob@example.com", "dave@example.com"]);
 }
 
-/// A client that waits for each reply: after a one-recipient message, the next message's
-/// DATA goes to the backend ahead of the client's (a guess). When a second recipient for
-/// the same target proves the guess wrong, it gets its own backend transaction: every
-/// recipient still gets the message exactly once, with the same content.
-#[tokio::test]
-async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate() {
-    let (old, _new, p) = setup().await;
+/// A session that has sent one one-recipient message (to bob, on OLD) and waits for
+/// each reply: from here on coexist guesses that the next message has one recipient too.
+async fn one_message_session(p: &Proxy, old: &Backend) -> Client<tokio::net::TcpStream> {
     let mut c = Client::connect(p.relay()).await;
     c.expect("EHLO client.test", "250").await;
     c.expect("MAIL FROM:<s@internet.example>", "250").await;
@@ -980,6 +976,17 @@ async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate()
     c.expect("DATA", "354").await;
     c.expect("Subject: first\r\n\r\nbody\r\n.", "250").await;
     old.wait_for(1).await;
+    c
+}
+
+/// A client that waits for each reply: after a one-recipient message, the next message's
+/// DATA goes to the backend ahead of the client's (a guess). When a second recipient for
+/// the same target proves the guess wrong, it gets its own backend transaction: every
+/// recipient still gets the message exactly once, with the same content.
+#[tokio::test]
+async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate() {
+    let (old, _new, p) = setup().await;
+    let mut c = one_message_session(&p, &old).await;
 
     c.expect("MAIL FROM:<s@internet.example>", "250").await;
     c.expect("RCPT TO:<bob@example.com>", "250").await;
@@ -1025,13 +1032,7 @@ async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate()
 #[tokio::test]
 async fn an_early_data_without_a_message_delivers_nothing() {
     let (old, _new, p) = setup().await;
-    let mut c = Client::connect(p.relay()).await;
-    c.expect("EHLO client.test", "250").await;
-    c.expect("MAIL FROM:<s@internet.example>", "250").await;
-    c.expect("RCPT TO:<bob@example.com>", "250").await;
-    c.expect("DATA", "354").await;
-    c.expect("Subject: first\r\n\r\nbody\r\n.", "250").await;
-    old.wait_for(1).await;
+    let mut c = one_message_session(&p, &old).await;
     c.expect("MAIL FROM:<s@internet.example>", "250").await;
     c.expect("RCPT TO:<bob@example.com>", "250").await;
     c.expect("RSET", "250").await;
