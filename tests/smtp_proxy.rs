@@ -993,6 +993,8 @@ async fn a_wrong_early_data_guess_splits_the_message_without_loss_or_duplicate()
     // The guess: the backend has DATA before the client sent it.
     let cmds = old.commands.lock().unwrap().clone();
     assert_eq!(cmds.last().map(String::as_str), Some("DATA"), "{cmds:?}");
+    // The same mailbox again (case and subaddress differ): taken once, not split off.
+    c.expect("RCPT TO:<BOB+tag@example.com>", "250").await;
     c.expect("RCPT TO:<dave@example.com>", "250").await;
     c.expect("DATA", "354").await;
     c.expect("Subject: second\r\n\r\nsame text\r\n.", "250")

@@ -244,14 +244,16 @@ impl DataScanner {
     /// A CRLF after ordinary text or at the start of a line (not after a line-start dot):
     /// the bookkeeping of [`Self::check`] for both bytes (the caller forwards them).
     fn crlf(&mut self) {
-        self.size += 2;
-        if self.size > self.limits.max_size {
+        // The limits in the byte path's order: the CR's size and line length, then the
+        // LF's size.
+        if self.size + 1 > self.limits.max_size {
+            self.violate(Violation::TooBig);
+        } else if self.line_len + 1 > self.limits.max_line {
+            self.violate(Violation::LineTooLong);
+        } else if self.size + 2 > self.limits.max_size {
             self.violate(Violation::TooBig);
         }
-        // The CR counts towards the line's length, as in `check`.
-        if self.line_len + 1 > self.limits.max_line {
-            self.violate(Violation::LineTooLong);
-        }
+        self.size += 2;
         if self.line_len == 0 {
             // An empty line ends the header section.
             self.in_headers = false;
@@ -268,9 +270,25 @@ impl DataScanner {
     /// done for the whole run (the caller forwards it).
     fn plain_run(&mut self, run: &[u8]) {
         let n = run.len();
-        self.size += n;
-        if self.size > self.limits.max_size {
-            self.violate(Violation::TooBig);
+        // Where in the run each limit is first crossed; the earliest is what the byte path
+        // reports (on a tie, `check`'s order: size, line length, loop).
+        let mut first: Option<(usize, Violation)> = None;
+        let mut note = |at: usize, v: Violation| {
+            if first.is_none_or(|(k, _)| at < k) {
+                first = Some((at, v));
+            }
+        };
+        if self.size + n > self.limits.max_size {
+            note(
+                self.limits.max_size.saturating_sub(self.size),
+                Violation::TooBig,
+            );
+        }
+        if self.line_len + n > self.limits.max_line {
+            note(
+                self.limits.max_line.saturating_sub(self.line_len),
+                Violation::LineTooLong,
+            );
         }
         if self.in_headers && self.hdr_len < RECEIVED.len() && self.line_len == self.hdr_len {
             let k = (RECEIVED.len() - self.hdr_len).min(n);
@@ -279,14 +297,15 @@ impl DataScanner {
             if self.hdr_len == RECEIVED.len() && self.hdr.eq_ignore_ascii_case(RECEIVED) {
                 self.received += 1;
                 if self.received > self.limits.max_received {
-                    self.violate(Violation::Loop);
+                    note(k - 1, Violation::Loop);
                 }
             }
         }
-        self.line_len += n;
-        if self.line_len > self.limits.max_line {
-            self.violate(Violation::LineTooLong);
+        if let Some((_, v)) = first {
+            self.violate(v);
         }
+        self.size += n;
+        self.line_len += n;
         let k = n.min(5);
         self.tail.copy_within(k.., 0);
         self.tail[5 - k..].copy_from_slice(&run[n - k..]);
@@ -445,6 +464,28 @@ mod tests {
                     prop_assert!(a_out.get(i + 1) == Some(&b'\n'));
                 }
             }
+        }
+    }
+
+    proptest! {
+        // Limits small enough to be crossed inside a run or a CRLF: the fast paths report
+        // the same violation as the byte path (the one the client's reply code names).
+        #[test]
+        fn fast_path_is_exact_at_the_limits(parts in proptest::collection::vec(
+            prop_oneof![
+                Just(b"\r\n".to_vec()),
+                Just(b".".to_vec()),
+                Just(b"Received: x".to_vec()),
+                "[a-z ]{1,20}".prop_map(String::into_bytes),
+            ], 0..40), max_size in 1usize..120, max_line in 1usize..30) {
+            let limits = Limits { max_size, max_line, max_received: 1 };
+            let mut msg: Vec<u8> = parts.concat();
+            msg.extend_from_slice(b"\r\n.\r\n");
+            let mut fast = DataScanner::new(Mode::Dot, limits);
+            let mut slow = DataScanner::new(Mode::Dot, limits);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            prop_assert_eq!(fast.feed(&msg, &mut a), slow.feed_bytewise(&msg, &mut b));
+            prop_assert_eq!(fast.violation(), slow.violation());
         }
     }
 

@@ -82,6 +82,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
     }
 }
 
+/// `timeout` from now; a configured timeout too large to add (someone "turning it off")
+/// means a deadline decades away, not a panic.
+fn deadline_in(timeout: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// What [`LineIo::read_line`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
@@ -157,7 +165,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
         // One timer per connection, moved on for each read: a later deadline only updates
         // the entry in place, where a fresh `timeout` per read registered and removed a
         // timer every time (it showed in profiles of the hot path).
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         let timer = match &mut self.timer {
             Some(t) => {
                 t.as_mut().reset(deadline);
@@ -191,7 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> LineIo<S> {
     /// line, not each read: a client that trickles a byte now and then (slowloris) still
     /// runs out of time.
     pub async fn read_line(&mut self, max: usize, timeout: Duration) -> Result<Line, IoError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         let mut skipping = false;
         loop {
             if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {

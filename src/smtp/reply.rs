@@ -77,6 +77,14 @@ impl fmt::Display for Reply {
 
 /// Replies coexist gives itself. Codes per RFC 5321 §4.2, enhanced codes per RFC 3463.
 pub mod codes {
+    /// A recipient given twice in one transaction, answered without a second offer.
+    pub fn duplicate_recipient() -> Reply {
+        Reply::new(
+            250,
+            "2.1.5 Recipient ok (already a recipient of this message)",
+        )
+    }
+
     use super::Reply;
 
     pub fn ok(text: &str) -> Reply {

@@ -91,6 +91,9 @@ struct Part {
     /// Set when the backend transaction failed; recipients for this target get this reply.
     failed: Option<Reply>,
     accepted: Vec<RcptTo<String>>,
+    /// Who each accepted recipient is (see `Session::rcpt`), to keep a repeat out of a
+    /// second part for the same target.
+    who: Vec<String>,
     /// The authenticated submission connection (not pooled; goes back to the session).
     pinned: bool,
     /// The backend gave its final reply to the message: ready for a new MAIL as it is.
@@ -494,14 +497,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         txn.rcpts += 1;
         // Submission: the authenticated user's own server relays for them.
-        let (target, site) = if let Some(auth) = &self.auth {
-            (Arc::clone(&auth.target), String::from("-"))
+        // Who the recipient is, for telling a repeated recipient from a new one: the
+        // mailbox when the table knows it (aliases, case and subaddress included), else the
+        // address as given, with its domain in lower case.
+        let as_given = || match to.address.rsplit_once('@') {
+            Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
+            None => to.address.clone(),
+        };
+        let (target, site, who) = if let Some(auth) = &self.auth {
+            (Arc::clone(&auth.target), String::from("-"), as_given())
         } else {
             let table = Arc::clone(&txn.table);
             let route = table.lookup(&to.address);
-            let (target_id, site) = match route {
-                Route::Mailbox(m) => (m.owner(), m.site().to_string()),
-                Route::DomainDefault { target, .. } => (target, String::from("-")),
+            let (target_id, site, who) = match route {
+                Route::Mailbox(m) => (
+                    m.owner(),
+                    m.site().to_string(),
+                    format!("mailbox {}", m.address()),
+                ),
+                Route::DomainDefault { target, .. } => (target, String::from("-"), as_given()),
                 Route::Reject { .. } => {
                     count_rcpt("-", "-", "unknown");
                     self.reply(&codes::no_such_user());
@@ -522,7 +536,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.reply(&codes::target_unavailable());
                 return;
             };
-            (Arc::clone(t), site)
+            (Arc::clone(t), site, who)
         };
         let txn = self.txn.as_mut().expect("checked above");
         if self.ctx.mixed == MixedRecipients::Defer
@@ -543,6 +557,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .position(|p| Arc::ptr_eq(&p.target, &target) && !p.early);
         if seen_target {
             txn.multi_rcpt = true;
+            if existing.is_none()
+                && txn
+                    .parts
+                    .iter()
+                    .any(|p| Arc::ptr_eq(&p.target, &target) && p.who.contains(&who))
+            {
+                // The same recipient again, already in an early-DATA part: one backend
+                // transaction would have taken it once, so does this one; a second part
+                // would deliver it twice.
+                count_rcpt(&target.name, &site, "accepted");
+                self.reply(&codes::duplicate_recipient());
+                return;
+            }
             if existing.is_none() {
                 // The early DATA guess was wrong: this recipient opens a second backend
                 // transaction for the same target (same message, other recipients).
@@ -581,6 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let part = &mut txn.parts[idx];
         if reply.is_positive() {
             part.accepted.push(to.clone());
+            part.who.push(who);
         }
         let result = if reply.is_positive() {
             "accepted"
@@ -640,6 +668,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             conn: None,
             failed: None,
             accepted: Vec::new(),
+            who: Vec::new(),
             pinned: false,
             done: false,
             in_data: false,
