@@ -139,6 +139,10 @@ async fn handle(
     implicit_tls: bool,
     shutdown: watch::Receiver<bool>,
 ) {
+    // Where the client connected (PROXY headers towards backends name it).
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
     let conn = if implicit_tls {
         let Some(acceptor) = ctx.tls.clone() else {
             return;
@@ -157,7 +161,7 @@ async fn handle(
     } else {
         Conn::Plain(stream)
     };
-    if let Err(e) = Session::new(ctx, conn, peer, shutdown).run().await {
+    if let Err(e) = Session::new(ctx, conn, peer, local, shutdown).run().await {
         tracing::debug!(peer = %peer, error = %e, "session ended");
     }
 }

@@ -1102,3 +1102,61 @@ async fn early_data_refusals_reach_the_client() {
     assert_eq!(got.len(), 1);
     assert!(got[0].body_text().ends_with("Subject: y\r\n\r\nbody\r\n"));
 }
+
+/// `proxy_protocol = true`: every backend connection opens with a PROXY v2 header naming
+/// the client (its address and port, and where it connected); such a connection serves that
+/// client's session only (two messages, one connection), never another client's; health
+/// probes say LOCAL. Setting it together with `xclient` is a config error with its line.
+#[tokio::test]
+async fn proxy_protocol_v2_names_each_client_to_its_backend() {
+    let beh = Behaviour {
+        proxy_protocol: true,
+        ..Behaviour::default()
+    };
+    let old = Backend::start(beh.clone()).await;
+    let new = Backend::start(beh).await;
+    let p = Proxy::start(old.addr, new.addr, "", "proxy_protocol = true").await;
+    let mut sessions = Vec::new();
+    for round in 0..2 {
+        let mut c = Client::connect(p.relay()).await;
+        let me = c.io.get_ref().local_addr().unwrap();
+        sessions.push(me);
+        c.expect("EHLO client.test", "250").await;
+        for i in 0..2 {
+            c.expect("MAIL FROM:<s@internet.example>", "250").await;
+            c.expect("RCPT TO:<bob@example.com>", "250").await;
+            c.expect("DATA", "354").await;
+            c.expect(&format!("Subject: {round}-{i}\r\n\r\nbody\r\n."), "250")
+                .await;
+        }
+        c.expect("QUIT", "221").await;
+    }
+    let got = old.wait_for(4).await;
+    assert_eq!(got.len(), 4);
+    let headers = old.proxy_headers.lock().unwrap().clone();
+    let proxied: Vec<&String> = headers.iter().filter(|h| h.starts_with("PROXY")).collect();
+    let expected: Vec<String> = sessions
+        .iter()
+        .map(|me| format!("PROXY {me} -> {}", p.relay()))
+        .collect();
+    assert_eq!(proxied, expected.iter().collect::<Vec<_>>(), "{headers:?}");
+    assert!(
+        headers.iter().any(|h| h == "LOCAL"),
+        "no LOCAL probe: {headers:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), support::ROUTES).unwrap();
+    let cfg = dir.path().join("coexist.toml");
+    std::fs::write(
+        &cfg,
+        "[routes]\npath = \"routes.toml\"\n[targets.old]\nsmtp = [\"127.0.0.1:25\"]\nxclient = true\nproxy_protocol = true\n\
+         [targets.new]\nsmtp = [\"127.0.0.1:26\"]\n",
+    )
+    .unwrap();
+    let err = coexist::config::Config::load(&cfg).unwrap_err().to_string();
+    assert!(
+        err.contains("coexist.toml:6:") && err.contains("choose one"),
+        "{err}"
+    );
+}

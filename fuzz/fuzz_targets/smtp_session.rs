@@ -92,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
             Arc::clone(&w.ctx),
             Conn::Plain(server),
             "127.0.0.1:40000".parse().expect("addr"),
+            "127.0.0.1:25".parse().expect("addr"),
             rx,
         );
         let run = tokio::spawn(session.run());

@@ -135,6 +135,8 @@ struct RawTarget {
     #[serde(default)]
     xclient: Option<bool>,
     #[serde(default)]
+    proxy_protocol: Option<Spanned<bool>>,
+    #[serde(default)]
     tls_verify: Option<bool>,
     #[serde(default)]
     tls_ca: Option<Spanned<String>>,
@@ -264,6 +266,9 @@ pub struct TargetConfig {
     /// Tell servers that trust us who the real client is (Postfix XCLIENT), when they
     /// offer it.
     pub xclient: bool,
+    /// Open each backend connection with a PROXY protocol v2 header naming the client
+    /// (HAProxy's format; Postfix `smtpd_upstream_proxy_protocol = haproxy`).
+    pub proxy_protocol: bool,
     /// `host:port` of each SMTP server, in order of preference.
     pub smtp: Vec<String>,
     /// `host:port` (HTTPS) or `http://host:port` (plain-HTTP lab backend).
@@ -415,10 +420,21 @@ impl Config {
                     SmtpTlsMode::Opportunistic
                 }
             };
+            let proxy_protocol = t.proxy_protocol.as_ref().is_some_and(|p| *p.get_ref());
+            if proxy_protocol && t.xclient == Some(true) {
+                let span = t.proxy_protocol.as_ref().map_or(0..0, Spanned::span);
+                err(
+                    line_of(span.start),
+                    format!(
+                        "targets.{name}: xclient and proxy_protocol both tell the server who the client is; choose one"
+                    ),
+                );
+            }
             targets.push(TargetConfig {
                 name: name.clone(),
                 smtp_tls,
                 xclient: t.xclient.unwrap_or(false),
+                proxy_protocol,
                 smtp: t.smtp.iter().map(|s| s.get_ref().clone()).collect(),
                 https: t.https.iter().map(|s| s.get_ref().clone()).collect(),
                 tls_verify: t.tls_verify.unwrap_or(true),

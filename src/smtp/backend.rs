@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioAsyncResolver;
 use rustls::ClientConfig;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
 use super::io::{Conn, IoError, Line, LineIo};
@@ -152,6 +153,9 @@ pub struct Target {
     tls_mode: SmtpTlsMode,
     tls: Arc<ClientConfig>,
     pub xclient: bool,
+    /// Connections start with a PROXY v2 header: each one is bound to one client, so they
+    /// are never shared through the pool (see `Session`).
+    pub proxy_protocol: bool,
 }
 
 impl Target {
@@ -191,6 +195,7 @@ impl Backends {
                 tls_mode: t.smtp_tls,
                 tls: tls::client_config(t.tls_verify, t.tls_ca.as_deref())?,
                 xclient: t.xclient,
+                proxy_protocol: t.proxy_protocol,
             }));
         }
         let resolver = TokioAsyncResolver::tokio_from_system_conf().ok();
@@ -221,11 +226,22 @@ impl Backends {
     }
 
     pub async fn connect_new(&self, target: &Arc<Target>) -> Result<BackendConn, BackendError> {
+        self.connect_for(target, None).await
+    }
+
+    /// A new connection; towards a `proxy_protocol` target its PROXY v2 header names
+    /// `client` (source, destination), or says LOCAL (coexist's own: probes, the spool)
+    /// when there is none.
+    pub async fn connect_for(
+        &self,
+        target: &Arc<Target>,
+        client: Option<(SocketAddr, SocketAddr)>,
+    ) -> Result<BackendConn, BackendError> {
         let mut order: Vec<&Arc<Server>> = target.servers.iter().filter(|s| s.is_up()).collect();
         order.extend(target.servers.iter().filter(|s| !s.is_up()));
         let mut last = BackendError::NoServers(target.name.clone());
         for s in order {
-            match self.connect(target, s).await {
+            match self.connect(target, s, client).await {
                 Ok(c) => {
                     s.set_up(true, "");
                     return Ok(c);
@@ -241,7 +257,8 @@ impl Backends {
 
     /// Puts a connection that ended a transaction cleanly back for reuse.
     pub fn release(&self, mut conn: BackendConn) {
-        if conn.broken {
+        if conn.broken || conn.proxied {
+            // A proxied connection speaks for one client: never someone else's.
             return;
         }
         conn.reused = true;
@@ -277,6 +294,7 @@ impl Backends {
         &self,
         target: &Target,
         server: &Arc<Server>,
+        client: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<BackendConn, BackendError> {
         let st = &self.settings;
         let name = server.addr.clone();
@@ -301,8 +319,18 @@ impl Backends {
                 }
             }
         }
-        let Some(tcp) = tcp else { return Err(last) };
+        let Some(mut tcp) = tcp else { return Err(last) };
         let _ = tcp.set_nodelay(true);
+        if target.proxy_protocol {
+            // Before anything else, TLS included (HAProxy's order).
+            let header = proxy_v2_header(client);
+            tokio::time::timeout(st.command_timeout, tcp.write_all(&header))
+                .await
+                .map_err(|_| BackendError::Timeout {
+                    server: name.clone(),
+                })?
+                .map_err(|e| io_err(format!("PROXY header: {e}")))?;
+        }
         let conn = if target.tls_mode == SmtpTlsMode::Implicit {
             let sni = tls::server_name(&server.addr).map_err(|e| io_err(e.to_string()))?;
             let tls = tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
@@ -319,6 +347,7 @@ impl Backends {
             server: Arc::clone(server),
             reused: false,
             broken: false,
+            proxied: target.proxy_protocol && client.is_some(),
             timeout: st.command_timeout,
         };
         let greeting = c.read_reply().await?;
@@ -372,7 +401,7 @@ impl Backends {
     pub async fn probe_all(&self) {
         for t in &self.targets {
             for s in &t.servers {
-                match self.connect(t, s).await {
+                match self.connect(t, s, None).await {
                     Ok(mut c) => {
                         s.set_up(true, "");
                         c.quit().await;
@@ -406,6 +435,8 @@ pub struct BackendConn {
     pub reused: bool,
     /// Left in an unknown state (error, aborted DATA): never reuse.
     pub broken: bool,
+    /// Opened with a PROXY header naming one client: reused only by that client's session.
+    pub proxied: bool,
     timeout: Duration,
 }
 
@@ -596,8 +627,72 @@ impl BackendConn {
     }
 }
 
+/// The PROXY protocol v2 header (HAProxy's proxy-protocol.txt §2.2): PROXY with the
+/// client's TCP source and destination, or LOCAL (a connection of coexist's own).
+pub fn proxy_v2_header(client: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    let mut h = SIGNATURE.to_vec();
+    let Some((src, dst)) = client else {
+        h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        return h;
+    };
+    h.push(0x21);
+    match (src, dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            h.extend_from_slice(&[0x11, 0, 12]);
+            h.extend_from_slice(&s.ip().octets());
+            h.extend_from_slice(&d.ip().octets());
+        }
+        _ => {
+            // Either side IPv6: both as IPv6 (an IPv4 one mapped, ::ffff:a.b.c.d).
+            let v6 = |a: SocketAddr| match a {
+                SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
+                SocketAddr::V6(a) => *a.ip(),
+            };
+            h.extend_from_slice(&[0x21, 0, 36]);
+            h.extend_from_slice(&v6(src).octets());
+            h.extend_from_slice(&v6(dst).octets());
+        }
+    }
+    h.extend_from_slice(&src.port().to_be_bytes());
+    h.extend_from_slice(&dst.port().to_be_bytes());
+    h
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn proxy_v2_headers() {
+        let sig = b"\r\n\r\n\0\r\nQUIT\n";
+        let local = proxy_v2_header(None);
+        assert_eq!(&local[..12], sig);
+        assert_eq!(&local[12..], &[0x20, 0x00, 0, 0]);
+        let v4 = proxy_v2_header(Some((
+            "192.0.2.7:40001".parse().unwrap(),
+            "198.51.100.1:25".parse().unwrap(),
+        )));
+        assert_eq!(
+            &v4[12..],
+            &[
+                0x21, 0x11, 0, 12, 192, 0, 2, 7, 198, 51, 100, 1, 0x9c, 0x41, 0, 25
+            ]
+        );
+        // One side IPv6: both sent as IPv6, the IPv4 one mapped.
+        let mixed = proxy_v2_header(Some((
+            "192.0.2.7:40001".parse().unwrap(),
+            "[2001:db8::1]:25".parse().unwrap(),
+        )));
+        assert_eq!(&mixed[12..16], &[0x21, 0x21, 0, 36]);
+        assert_eq!(
+            &mixed[16..32],
+            &"::ffff:192.0.2.7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(mixed.len(), 16 + 36);
+    }
     use super::*;
 
     #[test]

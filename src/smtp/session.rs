@@ -166,6 +166,11 @@ pub struct Session<S> {
     ctx: Arc<SessionCtx>,
     io: LineIo<S>,
     peer: SocketAddr,
+    /// The address the client connected to.
+    local: SocketAddr,
+    /// Idle connections to `proxy_protocol` targets, opened for this client (their PROXY
+    /// header names it): reused by this session only, closed when it ends.
+    own: Vec<BackendConn>,
     helo: Option<String>,
     esmtp: bool,
     txn: Option<Txn>,
@@ -187,12 +192,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ctx: Arc<SessionCtx>,
         conn: Conn<S>,
         peer: SocketAddr,
+        local: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             ctx,
             io: LineIo::new(conn),
             peer,
+            local,
+            own: Vec::new(),
             helo: None,
             esmtp: false,
             txn: None,
@@ -240,6 +248,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&greeting);
         let result = self.command_loop().await;
         self.end_txn().await;
+        for mut c in std::mem::take(&mut self.own) {
+            c.quit().await;
+        }
         if let Some(mut a) = self.auth.take()
             && let Some(c) = a.conn.as_mut()
         {
@@ -707,10 +718,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // A pooled connection may have been closed by the server while idle: one retry on
         // a fresh connection.
         for attempt in 0..2 {
-            let acquired = if attempt == 0 {
-                self.ctx.backends.acquire(&target).await
+            let acquired = if !target.proxy_protocol {
+                if attempt == 0 {
+                    self.ctx.backends.acquire(&target).await
+                } else {
+                    self.ctx.backends.connect_new(&target).await
+                }
+            } else if let Some(i) = self
+                .own
+                .iter()
+                .position(|c| target.servers.iter().any(|s| Arc::ptr_eq(s, &c.server)))
+                .filter(|_| attempt == 0)
+            {
+                Ok(self.own.swap_remove(i))
             } else {
-                self.ctx.backends.connect_new(&target).await
+                let client = Some((self.peer, self.local));
+                self.ctx.backends.connect_for(&target, client).await
             };
             let mut conn = match acquired {
                 Ok(c) => c,
@@ -756,7 +779,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // The server refused the sender; the connection itself is fine.
                     let r = part.opened(o);
                     if !conn.broken && conn.rset().await {
-                        self.ctx.backends.release(conn);
+                        self.give_back(conn);
                     }
                     return (part, r);
                 }
@@ -1310,11 +1333,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if p.pinned {
                 pinned_back = Some(conn);
             } else {
-                self.ctx.backends.release(conn);
+                self.give_back(conn);
             }
         }
         if let (Some(a), Some(c)) = (self.auth.as_mut(), pinned_back) {
             a.conn = Some(c);
+        }
+    }
+
+    /// A backend connection ready for MAIL again: to the shared pool, or kept for this
+    /// session when its PROXY header names this client.
+    fn give_back(&mut self, mut conn: BackendConn) {
+        if conn.proxied {
+            if !conn.broken {
+                // Like a pooled one: the server may close it while idle (one retry).
+                conn.reused = true;
+                self.own.push(conn);
+            }
+        } else {
+            self.ctx.backends.release(conn);
         }
     }
 
@@ -1434,7 +1471,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&codes::auth_failed());
             return Ok(());
         };
-        let mut conn = match self.ctx.backends.connect_new(&target).await {
+        let client = Some((self.peer, self.local));
+        let mut conn = match self.ctx.backends.connect_for(&target, client).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(target = %target.name, error = %e, "AUTH: target unreachable");

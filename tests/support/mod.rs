@@ -86,6 +86,9 @@ pub struct Behaviour {
     pub close_after_data: bool,
     /// Never answer the end of DATA (a server that stalls).
     pub stall_at_end: bool,
+    /// Expect a PROXY protocol v2 header before the greeting (Postfix
+    /// `smtpd_upstream_proxy_protocol = haproxy`); a connection without one is closed.
+    pub proxy_protocol: bool,
 }
 
 #[derive(Clone)]
@@ -99,6 +102,8 @@ pub struct Backend {
     /// Commands that arrived with more of the client's bytes right behind them (sent in
     /// the same write: pipelined).
     pub pipelined: Arc<Mutex<Vec<String>>>,
+    /// Each connection's PROXY v2 header, decoded: `PROXY src -> dst` or `LOCAL`.
+    pub proxy_headers: Arc<Mutex<Vec<String>>>,
 }
 
 impl Backend {
@@ -111,6 +116,7 @@ impl Backend {
             closed: Arc::default(),
             commands: Arc::default(),
             pipelined: Arc::default(),
+            proxy_headers: Arc::default(),
         };
         let b2 = b.clone();
         let beh = Arc::new(behaviour);
@@ -150,7 +156,52 @@ impl Backend {
     }
 }
 
-async fn serve_backend(s: TcpStream, b: Backend, beh: Arc<Behaviour>) -> std::io::Result<()> {
+/// Reads and decodes a PROXY protocol v2 header (HAProxy's proxy-protocol.txt §2.2).
+async fn read_proxy_v2(s: &mut TcpStream) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).await?;
+    if &head[..12] != b"\r\n\r\n\0\r\nQUIT\n" {
+        return Err(bad("no PROXY v2 signature"));
+    }
+    let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    let addr = |ip: std::net::IpAddr, port: &[u8]| {
+        SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]])).to_string()
+    };
+    match (head[12], head[13]) {
+        (0x20, _) => Ok("LOCAL".into()),
+        (0x21, 0x11) if len >= 12 => {
+            let ip =
+                |o: usize| std::net::IpAddr::from([body[o], body[o + 1], body[o + 2], body[o + 3]]);
+            Ok(format!(
+                "PROXY {} -> {}",
+                addr(ip(0), &body[8..10]),
+                addr(ip(4), &body[10..12])
+            ))
+        }
+        (0x21, 0x21) if len >= 36 => {
+            let ip = |o: usize| {
+                let b: [u8; 16] = body[o..o + 16].try_into().unwrap();
+                std::net::IpAddr::from(b)
+            };
+            Ok(format!(
+                "PROXY {} -> {}",
+                addr(ip(0), &body[32..34]),
+                addr(ip(16), &body[34..36])
+            ))
+        }
+        _ => Err(bad("unexpected PROXY v2 command or family")),
+    }
+}
+
+async fn serve_backend(mut s: TcpStream, b: Backend, beh: Arc<Behaviour>) -> std::io::Result<()> {
+    if beh.proxy_protocol {
+        let h = read_proxy_v2(&mut s).await?;
+        b.proxy_headers.lock().unwrap().push(h);
+    }
     let mut io = BufReader::new(s);
     io.get_mut()
         .write_all(b"220 backend ESMTP test\r\n")
