@@ -36,6 +36,8 @@ KEEP_TMP=${KEEP_TMP:-0}
 
 PORT_OLD=$BASE
 PORT_NEW=$((BASE + 1))
+PORT_NEW_PROXY=$((BASE + 2))   # the same Postfix, an smtpd that takes PROXY v2 headers
+PORT_CLIENT=$((BASE + 3))      # swaks' own port where a scenario needs to recognise it
 PORT_RELAY=$((BASE + 10))
 PORT_SUBMISSION=$((BASE + 11))
 PORT_ADMIN=$((BASE + 12))
@@ -112,7 +114,7 @@ wait_port() {
   done
   return 1
 }
-for p in $PORT_OLD $PORT_NEW $PORT_RELAY $PORT_SUBMISSION $PORT_ADMIN; do
+for p in $PORT_OLD $PORT_NEW $PORT_NEW_PROXY $PORT_CLIENT $PORT_RELAY $PORT_SUBMISSION $PORT_ADMIN; do
   if port_listening "$p"; then die "port $p is already in use (set INTEROP_BASE_PORT)"; fi
 done
 
@@ -264,6 +266,7 @@ EOF
   cat >"$PF/etc/master.cf" <<EOF
 # service type  private unpriv  chroot  wakeup  maxproc command
 127.0.0.1:$port inet n - n - - smtpd
+127.0.0.1:$PORT_NEW_PROXY inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o smtpd_client_port_logging=yes
 pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
@@ -300,6 +303,7 @@ EOF
   PF_MASTER=$(tr -d ' \n' <"$PF/spool/pid/master.pid" 2>/dev/null || true)
   [ -n "$PF_MASTER" ] || { cat "$T/postfix-start.log" "$PF/maillog" 2>/dev/null >&2; die "postfix master wrote no pid file"; }
   wait_port "$port" "$PF_MASTER" 30 || { cat "$PF/maillog" >&2; die "postfix did not listen on $port"; }
+  wait_port "$PORT_NEW_PROXY" "$PF_MASTER" 30 || { cat "$PF/maillog" >&2; die "postfix did not listen on $PORT_NEW_PROXY"; }
 }
 
 start_sink old "$PORT_OLD"
@@ -446,6 +450,12 @@ smtp = ["127.0.0.1:$PORT_OLD"]
 
 [targets.new]
 smtp = ["127.0.0.1:$PORT_NEW"]
+
+$(if [ "$NEW_BACKEND" = postfix ]; then
+  printf '[targets.newpx]\nsmtp = ["127.0.0.1:%s"]\nproxy_protocol = true\n' "$PORT_NEW_PROXY"
+else
+  printf '[targets.newpx]\nsmtp = ["127.0.0.1:%s"]\n' "$PORT_NEW"
+fi)
 EOF
 cat >"$T/routes.toml" <<'EOF'
 [domains."example.com"]
@@ -468,6 +478,13 @@ site = "berlin"
 [[mailbox]]
 address = "carol@example.com"
 site = "paris"
+
+[sites.lyon]
+owner = "newpx"
+
+[[mailbox]]
+address = "dave@example.com"
+site = "lyon"
 EOF
 
 start_bg coexist "$COEXIST_BIN" serve -c "$T/coexist.toml"
@@ -665,6 +682,15 @@ PY
     { WHY="early DATA counters: used $used0 -> $used1, split $split0 -> $split1"; return 1; }
 }
 
+# PROXY protocol v2 towards Postfix (smtpd_upstream_proxy_protocol = haproxy, which drops
+# a connection without a valid header): delivered, and Postfix logs swaks' own port as the
+# client's (from the header), not coexist's.
+sc_proxy_protocol_to_postfix() {
+  deliver_one proxy-protocol-to-postfix dave@example.com dave@example.com "" --local-port "$PORT_CLIENT" || return 1
+  grep -qE "connect from [^ ]*\[127\.0\.0\.1\]:$PORT_CLIENT\b" "$T/pf/maillog" ||
+    { WHY="Postfix did not log the client port $PORT_CLIENT: $(grep -m2 'connect from' "$T/pf/maillog" | tail -n1)"; return 1; }
+}
+
 sc_smuggle_lf() { smuggle smuggle-lf-dot-lf '\n' '\n'; }
 sc_smuggle_crlf_lf() { smuggle smuggle-crlf-dot-lf '\r\n' '\n'; }
 sc_smuggle_lf_crlf() { smuggle smuggle-lf-dot-crlf '\n' '\r\n'; }
@@ -690,6 +716,11 @@ run starttls-relay sc_starttls_relay
 run submission-no-auth-before-tls sc_submission_no_auth_before_tls
 run pipelined-to-new sc_pipelined_to_new
 run one-session-three-messages sc_one_session_three_messages
+if [ "$NEW_BACKEND" = postfix ]; then
+  run proxy-protocol-to-postfix sc_proxy_protocol_to_postfix
+else
+  echo "SKIP proxy-protocol-to-postfix: needs the Postfix NEW backend (INTEROP_NEW_BACKEND=postfix, the default)"
+fi
 run smuggle-lf-dot-lf sc_smuggle_lf
 run smuggle-crlf-dot-lf sc_smuggle_crlf_lf
 run smuggle-lf-dot-crlf sc_smuggle_lf_crlf
