@@ -46,6 +46,7 @@ fn world() -> &'static World {
                 name: (*n).into(),
                 smtp_tls: SmtpTlsMode::None,
                 xclient: false,
+                proxy_protocol: false,
                 // The discard port: nothing listens, connects fail at once.
                 smtp: vec!["127.0.0.1:9".into()],
                 https: vec![],
