@@ -1,7 +1,9 @@
 //! Soak: SMTP load (single- and mixed-recipient messages) through a running `coexist serve`
 //! while a site is cut over (and back) every minute and one backend is restarted every five.
-//! Reports messages sent, delivered, refused, lost (must be 0), duplicated (must be 0), and the
-//! proxy's RSS at start and end.
+//! Two clients open a connection per message; two send four messages per connection, which
+//! makes coexist send DATA early and, when a later message has two recipients for one target,
+//! split it. Reports messages sent, delivered, refused, lost (must be 0), duplicated (must be
+//! 0; counted per message and recipient), and the proxy's RSS at start and end.
 //!
 //! `cargo bench --bench soak` runs 30 minutes; `COEXIST_SOAK_SECS=120` for a short one (the
 //! cutover and restart intervals scale to 1/30 and 1/6 of the run).
@@ -15,8 +17,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Message-ID → how many times a backend accepted it.
-type Seen = Arc<Mutex<HashMap<String, u32>>>;
+/// (Message-ID, recipient) → how many times a backend accepted it.
+type Seen = Arc<Mutex<HashMap<(String, String), u32>>>;
 
 /// A minimal SMTP sink on a fixed port that can be stopped and started again.
 struct Sink {
@@ -32,6 +34,7 @@ fn sink_session(s: TcpStream, seen: &Seen, stop: &AtomicBool) -> std::io::Result
     let mut w = s;
     w.write_all(b"220 sink\r\n")?;
     let mut line = String::new();
+    let mut rcpts: Vec<String> = Vec::new();
     loop {
         line.clear();
         match r.read_line(&mut line) {
@@ -49,7 +52,13 @@ fn sink_session(s: TcpStream, seen: &Seen, stop: &AtomicBool) -> std::io::Result
             Err(e) => return Err(e),
         }
         let up = line.to_ascii_uppercase();
-        if up.starts_with("EHLO") {
+        if up.starts_with("MAIL") {
+            rcpts.clear();
+            w.write_all(b"250 ok\r\n")?;
+        } else if let Some(to) = up.strip_prefix("RCPT TO:<") {
+            rcpts.push(to.split('>').next().unwrap_or("").to_ascii_lowercase());
+            w.write_all(b"250 ok\r\n")?;
+        } else if up.starts_with("EHLO") {
             w.write_all(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n")?;
         } else if up.starts_with("DATA") {
             w.write_all(b"354 go\r\n")?;
@@ -66,7 +75,11 @@ fn sink_session(s: TcpStream, seen: &Seen, stop: &AtomicBool) -> std::io::Result
                     id = v.trim().to_string();
                 }
             }
-            *seen.lock().unwrap().entry(id).or_default() += 1;
+            let mut seen = seen.lock().unwrap();
+            for r in rcpts.drain(..) {
+                *seen.entry((id.clone(), r)).or_default() += 1;
+            }
+            drop(seen);
             w.write_all(b"250 ok\r\n")?;
         } else if up.starts_with("QUIT") {
             w.write_all(b"221 bye\r\n")?;
@@ -115,7 +128,10 @@ fn free() -> SocketAddr {
 }
 
 /// One message; true when the proxy answered 250 to it.
-fn send(relay: SocketAddr, rcpts: &[&str], id: &str) -> std::io::Result<bool> {
+/// Sends `msgs` (recipients, Message-ID) over one connection, each waiting for every reply;
+/// returns how many were answered 250 at the end of data, in order (it stops at the first
+/// that was not).
+fn send(relay: SocketAddr, msgs: &[(&[&str], String)]) -> std::io::Result<usize> {
     let s = TcpStream::connect(relay)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -132,29 +148,34 @@ fn send(relay: SocketAddr, rcpts: &[&str], id: &str) -> std::io::Result<bool> {
         }
     };
     reply(&mut r)?;
-    let mut cmds = vec![
-        "EHLO soak.client".to_string(),
-        "MAIL FROM:<soak@internet.example>".into(),
-    ];
-    cmds.extend(rcpts.iter().map(|a| format!("RCPT TO:<{a}>")));
-    cmds.push("DATA".into());
-    for c in cmds {
-        w.write_all(format!("{c}\r\n").as_bytes())?;
-        let l = reply(&mut r)?;
-        if !(l.starts_with('2') || l.starts_with('3')) {
-            return Ok(false);
+    w.write_all(b"EHLO soak.client\r\n")?;
+    reply(&mut r)?;
+    let mut done = 0;
+    for (rcpts, id) in msgs {
+        let mut cmds = vec!["MAIL FROM:<soak@internet.example>".to_string()];
+        cmds.extend(rcpts.iter().map(|a| format!("RCPT TO:<{a}>")));
+        cmds.push("DATA".into());
+        for c in cmds {
+            w.write_all(format!("{c}\r\n").as_bytes())?;
+            let l = reply(&mut r)?;
+            if !(l.starts_with('2') || l.starts_with('3')) {
+                return Ok(done);
+            }
         }
+        w.write_all(
+            format!(
+                "Message-ID: {id}\r\nSubject: soak\r\n\r\n{}\r\n.\r\n",
+                "x".repeat(2000)
+            )
+            .as_bytes(),
+        )?;
+        if !reply(&mut r)?.starts_with("250") {
+            return Ok(done);
+        }
+        done += 1;
     }
-    w.write_all(
-        format!(
-            "Message-ID: {id}\r\nSubject: soak\r\n\r\n{}\r\n.\r\n",
-            "x".repeat(2000)
-        )
-        .as_bytes(),
-    )?;
-    let l = reply(&mut r)?;
     let _ = w.write_all(b"QUIT\r\n");
-    Ok(l.starts_with("250"))
+    Ok(done)
 }
 
 fn admin(addr: SocketAddr, path: &str, body: &str) -> u16 {
@@ -213,7 +234,7 @@ fn main() {
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
     );
-    let acked_ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let acked_ids: Arc<Mutex<Vec<(String, Vec<String>)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let clients: Vec<_> = (0..4)
@@ -228,19 +249,37 @@ fn main() {
             std::thread::spawn(move || {
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
-                    let id = format!("<c{c}-{i}@soak>");
-                    let rcpts: &[&str] = match i % 3 {
-                        0 => &["alice@example.com"],
-                        1 => &["bob@example.com"],
-                        _ => &["alice@example.com", "bob@example.com"],
-                    };
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if matches!(send(relay, rcpts, &id), Ok(true)) {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                        acked.lock().unwrap().push(id);
+                    // Clients 0 and 1: a connection per message. 2 and 3: four messages per
+                    // connection — one recipient, one, then two for one side or two sides
+                    // (bob and dave share OLD until berlin is cut over to NEW).
+                    let batch: &[&[&str]] = if c < 2 {
+                        match i % 3 {
+                            0 => &[&["alice@example.com"]],
+                            1 => &[&["bob@example.com"]],
+                            _ => &[&["alice@example.com", "bob@example.com"]],
+                        }
                     } else {
-                        refused.fetch_add(1, Ordering::Relaxed);
+                        &[
+                            &["alice@example.com"],
+                            &["bob@example.com"],
+                            &["bob@example.com", "dave@example.com"],
+                            &["alice@example.com", "bob@example.com"],
+                        ]
+                    };
+                    let msgs: Vec<(&[&str], String)> = batch
+                        .iter()
+                        .enumerate()
+                        .map(|(k, r)| (*r, format!("<c{c}-{i}-{k}@soak>")))
+                        .collect();
+                    sent.fetch_add(msgs.len() as u64, Ordering::Relaxed);
+                    let ok = send(relay, &msgs).unwrap_or(0);
+                    accepted.fetch_add(ok as u64, Ordering::Relaxed);
+                    refused.fetch_add((msgs.len() - ok) as u64, Ordering::Relaxed);
+                    let mut acked = acked.lock().unwrap();
+                    for (r, id) in &msgs[..ok] {
+                        acked.push((id.clone(), r.iter().map(|a| (*a).to_string()).collect()));
                     }
+                    drop(acked);
                     i += 1;
                 }
             })
@@ -282,41 +321,49 @@ fn main() {
     let _ = admin(admin_addr, "/queue/retry", "{}");
     let acked = acked_ids.lock().unwrap().clone();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let count = |id: &str| {
-        seen_old.lock().unwrap().get(id).copied().unwrap_or(0)
-            + seen_new.lock().unwrap().get(id).copied().unwrap_or(0)
+    let count = |id: &str, rcpt: &str| {
+        let key = (id.to_string(), rcpt.to_string());
+        seen_old.lock().unwrap().get(&key).copied().unwrap_or(0)
+            + seen_new.lock().unwrap().get(&key).copied().unwrap_or(0)
     };
-    while Instant::now() < deadline && acked.iter().any(|id| count(id) == 0) {
+    let missing = || {
+        acked
+            .iter()
+            .any(|(id, rcpts)| rcpts.iter().any(|r| count(id, r) == 0))
+    };
+    while Instant::now() < deadline && missing() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let rss_end = common::rss_kib(child.id());
+    let metrics = ureq::get(&format!("http://{admin_addr}/metrics"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_string().ok())
+        .unwrap_or_default();
+    let early: Vec<String> = metrics
+        .lines()
+        .filter(|l| l.starts_with("coexist_smtp_early_data_total{"))
+        .map(|l| l.trim_start_matches("coexist_smtp_early_data_total").to_string())
+        .collect();
     let mut lost = 0;
     let mut delivered_copies = 0;
-    for id in &acked {
-        let n = count(id);
-        if n == 0 {
-            lost += 1;
+    let mut dup = 0;
+    for (id, rcpts) in &acked {
+        for r in rcpts {
+            match count(id, r) {
+                0 => lost += 1,
+                1 => {}
+                _ => dup += 1,
+            }
+            delivered_copies += u64::from(count(id, r));
         }
-        delivered_copies += u64::from(n);
     }
-    // A mixed message is one copy per side; a duplicate is the same id twice on one side.
-    let dup = seen_old
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|&&n| n > 1)
-        .count()
-        + seen_new
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|&&n| n > 1)
-            .count();
     println!(
-        "soak {secs} s: sent {}, accepted (250) {}, refused {}, delivered copies {delivered_copies}, lost {lost}, duplicated {dup}; {cutovers} cutovers, {restarts} backend restarts; proxy RSS {rss_start} KiB -> {rss_end} KiB",
+        "soak {secs} s: messages sent {}, accepted (250) {}, refused {}; recipient copies delivered {delivered_copies}, lost {lost}, duplicated {dup}; {cutovers} cutovers, {restarts} backend restarts; early DATA {}; proxy RSS {rss_start} KiB -> {rss_end} KiB",
         sent.load(Ordering::Relaxed),
         accepted.load(Ordering::Relaxed),
         refused.load(Ordering::Relaxed),
+        early.join(" "),
     );
     let _ = child.kill();
     let _ = child.wait();
