@@ -343,7 +343,10 @@ fn main() {
     let early: Vec<String> = metrics
         .lines()
         .filter(|l| l.starts_with("coexist_smtp_early_data_total{"))
-        .map(|l| l.trim_start_matches("coexist_smtp_early_data_total").to_string())
+        .map(|l| {
+            l.trim_start_matches("coexist_smtp_early_data_total")
+                .to_string()
+        })
         .collect();
     let mut lost = 0;
     let mut delivered_copies = 0;
