@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 /// (Message-ID, recipient) → how many times a backend accepted it.
 type Seen = Arc<Mutex<HashMap<(String, String), u32>>>;
+/// The messages answered 250: Message-ID and recipients.
+type Acked = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
 /// A minimal SMTP sink on a fixed port that can be stopped and started again.
 struct Sink {
@@ -234,7 +236,7 @@ fn main() {
         Arc::new(AtomicU64::new(0)),
         Arc::new(AtomicU64::new(0)),
     );
-    let acked_ids: Arc<Mutex<Vec<(String, Vec<String>)>>> = Arc::default();
+    let acked_ids: Acked = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let clients: Vec<_> = (0..4)
