@@ -636,6 +636,16 @@ pub fn proxy_v2_header(client: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
         h.extend_from_slice(&[0x20, 0x00, 0, 0]);
         return h;
     };
+    // An IPv4 client on a dual-stack listener shows as ::ffff:a.b.c.d: say IPv4, which
+    // every backend reads.
+    let plain = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(a, |ip| SocketAddr::new(ip.into(), v6.port())),
+        v4 @ SocketAddr::V4(_) => v4,
+    };
+    let (src, dst) = (plain(src), plain(dst));
     h.push(0x21);
     match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V4(d)) => {
@@ -692,6 +702,12 @@ mod tests {
                 .octets()
         );
         assert_eq!(mixed.len(), 16 + 36);
+        // IPv4 clients of a dual-stack listener go out as IPv4.
+        let mapped = proxy_v2_header(Some((
+            "[::ffff:192.0.2.7]:40001".parse().unwrap(),
+            "[::ffff:198.51.100.1]:25".parse().unwrap(),
+        )));
+        assert_eq!(mapped, v4);
     }
     use super::*;
 

@@ -170,7 +170,7 @@ pub struct Session<S> {
     local: SocketAddr,
     /// Idle connections to `proxy_protocol` targets, opened for this client (their PROXY
     /// header names it): reused by this session only, closed when it ends.
-    own: Vec<BackendConn>,
+    own: Vec<(BackendConn, std::time::Instant)>,
     helo: Option<String>,
     esmtp: bool,
     txn: Option<Txn>,
@@ -248,7 +248,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(&greeting);
         let result = self.command_loop().await;
         self.end_txn().await;
-        for mut c in std::mem::take(&mut self.own) {
+        for (mut c, _) in std::mem::take(&mut self.own) {
             c.quit().await;
         }
         if let Some(mut a) = self.auth.take()
@@ -724,13 +724,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 } else {
                     self.ctx.backends.connect_new(&target).await
                 }
-            } else if let Some(i) = self
-                .own
-                .iter()
-                .position(|c| target.servers.iter().any(|s| Arc::ptr_eq(s, &c.server)))
-                .filter(|_| attempt == 0)
-            {
-                Ok(self.own.swap_remove(i))
+            } else if let Some(c) = self.take_own(&target).filter(|_| attempt == 0) {
+                Ok(c)
             } else {
                 let client = Some((self.peer, self.local));
                 self.ctx.backends.connect_for(&target, client).await
@@ -769,7 +764,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let line = match mail_line(from, &conn.caps) {
                 Ok(l) => l,
                 Err(r) => {
-                    self.ctx.backends.release(conn);
+                    self.give_back(conn);
                     part.failed = Some(r.clone());
                     return (part, r);
                 }
@@ -1341,6 +1336,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// This session's idle connection to `target`, if it has one that is neither older
+    /// than the pool's idle limit nor to a server marked down since (those are closed).
+    fn take_own(&mut self, target: &Target) -> Option<BackendConn> {
+        let keep = self.ctx.backends.settings.idle_timeout;
+        self.own
+            .retain(|(c, since)| since.elapsed() < keep && c.server.is_up());
+        let i = self
+            .own
+            .iter()
+            .position(|(c, _)| target.servers.iter().any(|s| Arc::ptr_eq(s, &c.server)))?;
+        Some(self.own.swap_remove(i).0)
+    }
+
     /// A backend connection ready for MAIL again: to the shared pool, or kept for this
     /// session when its PROXY header names this client.
     fn give_back(&mut self, mut conn: BackendConn) {
@@ -1348,7 +1356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if !conn.broken {
                 // Like a pooled one: the server may close it while idle (one retry).
                 conn.reused = true;
-                self.own.push(conn);
+                self.own.push((conn, std::time::Instant::now()));
             }
         } else {
             self.ctx.backends.release(conn);
