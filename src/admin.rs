@@ -85,6 +85,13 @@ fn control_error(e: &ControlError) -> Resp {
                 "more_errors": d.more,
             }),
         ),
+        ControlError::Pending(p) => json_resp(
+            StatusCode::CONFLICT,
+            &json!({
+                "error": e.to_string(),
+                "pending": **p,
+            }),
+        ),
         ControlError::NotFound(_) | ControlError::Rollback(_) => {
             error(StatusCode::NOT_FOUND, &e.to_string())
         }
@@ -172,8 +179,12 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn flag(req: &Request<Incoming>, name: &str) -> bool {
+    query_param(req, name).is_some_and(|v| v == "1" || v == "true")
+}
+
 fn dry_run(req: &Request<Incoming>) -> bool {
-    query_param(req, "dry_run").is_some_and(|v| v == "1" || v == "true")
+    flag(req, "dry_run")
 }
 
 fn actor(req: &Request<Incoming>) -> String {
@@ -256,6 +267,7 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
         }
         (&Method::POST, "/routes/cutover") => {
             let (c, dry, by) = (Arc::clone(&ctx.control), dry_run(&req), actor(&req));
+            let force = flag(&req, "force");
             match body_json(req).await {
                 Err(r) => Ok(r),
                 Ok(v) => match serde_json::from_value::<Change>(v) {
@@ -263,19 +275,19 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
                         StatusCode::BAD_REQUEST,
                         "body must be {\"site\": S, \"to\": T} or {\"mailbox\": A, \"to\": T}",
                     )),
-                    Ok(change) => blocking(move || c.cutover(&change, dry, &by))
+                    Ok(change) => blocking(move || c.cutover(&change, dry, force, &by))
                         .await
                         .map(report),
                 },
             }
         }
         (&Method::POST, "/routes/rollback") => {
-            let (c, by) = (Arc::clone(&ctx.control), actor(&req));
+            let (c, by, force) = (Arc::clone(&ctx.control), actor(&req), flag(&req, "force"));
             match body_json(req).await {
                 Err(r) => Ok(r),
                 Ok(v) => {
                     let to = v.get("version").and_then(Value::as_str).map(str::to_string);
-                    blocking(move || c.rollback(to.as_deref(), &by))
+                    blocking(move || c.rollback(to.as_deref(), force, &by))
                         .await
                         .map(report)
                 }

@@ -1,25 +1,34 @@
 //! The control plane: reload, cutover and rollback of the routing table while traffic flows.
 //!
-//! Every change is validated completely before anything is written or swapped: a change
-//! builds the new table from the edited source text in memory, and only a table that
-//! compiles is written (atomically: temp file, fsync, rename, fsync of the directory) and
-//! swapped in. A rejected change leaves the source file and the active table untouched.
+//! Every change is one ordered step. The new table is compiled from bytes read once (the
+//! edited routes text, kept versions, the files on disk); only a table that compiles goes
+//! further. Then, in this order: the compiled bytes are kept as blobs in the state
+//! directory, the source files are written (atomically: temp file, fsync, rename, fsync of
+//! the directory), the version is appended to the history and fsynced, and only then is the
+//! table swapped in. A step that fails undoes the steps before it, so a change is either
+//! live and recorded with its files, or not live at all; a rejected change leaves the
+//! source files and the active table untouched.
 //!
-//! Every applied version's source files are kept in a state directory (content-addressed
-//! blobs plus one JSON line per version), so the history and rollback survive a restart and
-//! a rollback restores the files as well as the table.
+//! Every applied version's source files are kept (content-addressed blobs plus one JSON
+//! line per version), so the history and rollback survive a restart and a rollback
+//! restores the files as well as the table. An operator's hand edit that was not reloaded
+//! is never overwritten without being kept, and never applied under another change's name:
+//! cutover and rollback refuse while the files on disk differ from the active version's,
+//! unless forced, and a forced change first sets the edited files aside in the state
+//! directory.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::route::{
-    Diagnostics, KnownTargets, LoadError, RollbackError, Route, Router, RoutingTable, TableDiff,
-    Version, load_routes, load_routes_text,
+    Diagnostic, Diagnostics, KnownTargets, LoadError, RollbackError, Route, Router, RoutingTable,
+    SourceFile, TableDiff, Version, compile_routes,
 };
 
 /// Moved mailboxes listed in a change report (the counts are always complete).
@@ -33,6 +42,8 @@ pub enum ControlError {
     NotFound(String),
     #[error("{0}")]
     Rollback(#[from] RollbackError),
+    #[error("{0}")]
+    Pending(Box<PendingEdits>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -61,10 +72,78 @@ pub enum Change {
 #[derive(Debug, Clone, Serialize)]
 pub struct ChangeReport {
     pub applied: bool,
+    /// False when the change would change nothing ("nothing to change"): no version is
+    /// created and no file is written.
+    pub changed: bool,
     pub what: String,
     pub from: Version,
     pub to: Version,
     pub diff: TableDiff,
+    /// Hand-edited files that a forced change set aside before overwriting them: where
+    /// each one is kept now.
+    pub kept: Vec<KeptFile>,
+}
+
+/// A hand-edited source file set aside by a forced change.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptFile {
+    pub file: String,
+    pub kept_at: String,
+}
+
+/// Source files that differ on disk from the active version's (edited by hand and not
+/// reloaded), and what applying them would do.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingEdits {
+    /// The change that was refused.
+    pub refused: String,
+    pub active: Version,
+    pub files: Vec<String>,
+    /// What a reload of the files on disk would move; `None` when they do not compile.
+    pub diff: Option<TableDiff>,
+    /// Why the files on disk do not compile, when they do not.
+    pub errors: Vec<Diagnostic>,
+}
+
+impl fmt::Display for PendingEdits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} refused: the source files differ from the active version {} (edited and not reloaded):",
+            self.refused, self.active
+        )?;
+        for file in &self.files {
+            writeln!(f, "  {file}")?;
+        }
+        match &self.diff {
+            Some(d) if d.is_empty() => {
+                writeln!(f, "the pending edit moves no mailbox")?;
+            }
+            Some(d) => {
+                writeln!(
+                    f,
+                    "the pending edit would move {} mailbox{}:",
+                    d.moved_total,
+                    if d.moved_total == 1 { "" } else { "es" }
+                )?;
+                write!(f, "{d}")?;
+            }
+            None => {
+                writeln!(
+                    f,
+                    "the pending edit does not compile ({} errors):",
+                    self.errors.len()
+                )?;
+                for e in &self.errors {
+                    writeln!(f, "  {e}")?;
+                }
+            }
+        }
+        write!(
+            f,
+            "`coexist reload` applies the edit first; `--force` sets it aside in the state directory and proceeds from the active version"
+        )
+    }
 }
 
 /// One applied version, as the state directory keeps it.
@@ -72,6 +151,9 @@ pub struct ChangeReport {
 pub struct HistoryEntry {
     pub version: String,
     pub seq: u64,
+    /// The full content hash (16 hex digits); absent in entries written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
     /// Unix seconds.
     pub at: u64,
     pub by: String,
@@ -81,6 +163,30 @@ pub struct HistoryEntry {
     /// Mailboxes that changed owner against the version before.
     #[serde(default)]
     pub moved: u64,
+}
+
+/// Source file → blob id: the identity of a version's files.
+type FileIds = BTreeMap<String, String>;
+
+fn blob_id(bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(bytes))
+}
+
+fn full_hash(v: Version) -> String {
+    format!("{:016x}", v.hash)
+}
+
+fn file_ids(sources: &[SourceFile]) -> FileIds {
+    sources
+        .iter()
+        .map(|f| (f.path.display().to_string(), blob_id(&f.bytes)))
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Where applied versions are kept.
@@ -107,37 +213,41 @@ impl StateDir {
             .collect()
     }
 
-    /// Stores the table's source files as blobs and appends the version to the history.
-    fn record(
-        &self,
-        table: &RoutingTable,
-        by: &str,
-        what: &str,
-        moved: u64,
-    ) -> Result<HistoryEntry, ControlError> {
-        std::fs::create_dir_all(self.dir.join("blobs")).map_err(io_err(&self.dir))?;
-        let mut files = BTreeMap::new();
-        for f in table.files() {
-            let bytes = std::fs::read(f).map_err(io_err(f))?;
-            let id = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes));
-            let blob = self.blob_path(&id);
+    /// Keeps the bytes a version was compiled from, as blobs named by their content.
+    fn keep_blobs(&self, sources: &[SourceFile]) -> Result<(), ControlError> {
+        let blobs = self.dir.join("blobs");
+        std::fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        for f in sources {
+            let blob = self.blob_path(&blob_id(&f.bytes));
             if !blob.exists() {
-                write_atomic(&blob, &bytes)?;
+                write_atomic(&blob, &f.bytes)?;
             }
-            files.insert(f.display().to_string(), id);
         }
-        let entry = HistoryEntry {
-            version: table.version().to_string(),
-            seq: table.version().seq,
-            at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            by: by.to_string(),
-            what: what.to_string(),
-            files,
-            moved,
-        };
-        let line = serde_json::to_string(&entry).map_err(|e| ControlError::Source {
+        Ok(())
+    }
+
+    fn read_blob(&self, id: &str) -> Result<Vec<u8>, ControlError> {
+        let blob = self.blob_path(id);
+        std::fs::read(&blob).map_err(io_err(&blob))
+    }
+
+    /// A kept version's files, read back from their blobs.
+    fn sources(&self, files: &FileIds) -> Result<Vec<SourceFile>, ControlError> {
+        files
+            .iter()
+            .map(|(path, id)| {
+                Ok(SourceFile {
+                    path: PathBuf::from(path),
+                    bytes: self.read_blob(id)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends one version to the history, durably.
+    fn append(&self, entry: &HistoryEntry) -> Result<(), ControlError> {
+        std::fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        let line = serde_json::to_string(entry).map_err(|e| ControlError::Source {
             path: self.history_path(),
             what: e.to_string(),
         })?;
@@ -149,17 +259,30 @@ impl StateDir {
             .map_err(io_err(&path))?;
         writeln!(f, "{line}").map_err(io_err(&path))?;
         f.sync_all().map_err(io_err(&path))?;
-        Ok(entry)
+        Ok(())
     }
 
-    /// Writes a kept version's source files back in place.
-    fn restore(&self, entry: &HistoryEntry) -> Result<(), ControlError> {
-        for (file, id) in &entry.files {
-            let blob = self.blob_path(id);
-            let bytes = std::fs::read(&blob).map_err(io_err(&blob))?;
-            write_atomic(Path::new(file), &bytes)?;
+    /// Keeps a hand-edited file that a forced change is about to overwrite.
+    fn set_aside(&self, file: &Path, bytes: &[u8]) -> Result<PathBuf, ControlError> {
+        let dir = self.dir.join("set-aside");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let name = file
+            .file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+        let stamp = unix_now();
+        let mut n = 0u32;
+        loop {
+            let kept = dir.join(if n == 0 {
+                format!("{stamp}-{name}")
+            } else {
+                format!("{stamp}-{n}-{name}")
+            });
+            if !kept.exists() {
+                write_atomic(&kept, bytes)?;
+                return Ok(kept);
+            }
+            n += 1;
         }
-        Ok(())
     }
 }
 
@@ -189,135 +312,327 @@ pub struct Control {
     targets: KnownTargets,
     router: Arc<Router>,
     state: StateDir,
-    /// One change at a time; the data plane never takes it.
-    changing: Mutex<()>,
+    /// One change at a time (the data plane never takes it). It guards the active
+    /// version's files: what the files on disk are compared with before a change.
+    changing: Mutex<FileIds>,
+}
+
+/// How a prepared change installs its table.
+enum Install {
+    /// A newly compiled table, installed as the next version.
+    New(RoutingTable),
+    /// A version the router still holds, made active again by `Router::rollback(to)`.
+    Rollback {
+        to: Option<String>,
+        table: Arc<RoutingTable>,
+    },
+}
+
+/// A change that compiled and is ready to be made durable and installed.
+struct Prepared {
+    install: Install,
+    /// Exactly the bytes the table was compiled from: what is kept and written.
+    sources: Vec<SourceFile>,
+    what: String,
+    diff: TableDiff,
+    /// Whether the source files on disk are replaced (cutover, rollback) or already are
+    /// the sources (reload).
+    write_files: bool,
+}
+
+/// A source file of the active version whose bytes on disk differ (`None`: missing).
+type PendingFile = (String, Option<Vec<u8>>);
+
+impl HistoryEntry {
+    fn new(version: Version, by: &str, what: &str, files: FileIds, moved: u64) -> Self {
+        HistoryEntry {
+            version: version.to_string(),
+            seq: version.seq,
+            hash: Some(full_hash(version)),
+            at: unix_now(),
+            by: by.to_string(),
+            what: what.to_string(),
+            files,
+            moved,
+        }
+    }
+
+    /// Whether this entry is the version `table` with exactly these files.
+    fn is(&self, table: &RoutingTable, files: &FileIds) -> bool {
+        let v = table.version();
+        let same_content = match &self.hash {
+            Some(h) => *h == full_hash(v),
+            // Entries from before the full hash was kept: the short one is all there is.
+            None => self
+                .version
+                .split_once('-')
+                .is_some_and(|(_, h)| u32::from_str_radix(h, 16) == Ok(v.short_hash())),
+        };
+        same_content && self.files == *files
+    }
+}
+
+fn read_disk(p: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(p)
 }
 
 impl Control {
     /// Loads the table for a start: the version number continues the kept history, and a
-    /// table whose content differs from the last kept version is recorded as a new one.
+    /// table whose content or files differ from the last kept version is recorded as a
+    /// new one.
     pub fn start(
         routes_path: &Path,
         targets: KnownTargets,
         history: usize,
         state_dir: &Path,
     ) -> Result<Control, ControlError> {
-        let table = load_routes(routes_path, &targets)
+        let (table, sources) = compile_routes(routes_path, &targets, &mut read_disk)
             .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))?;
         let state = StateDir {
             dir: state_dir.to_path_buf(),
         };
         let kept = state.read_history();
-        let last = kept.last();
-        let same = last.is_some_and(|e| {
-            e.version.split_once('-').is_some_and(|(_, h)| {
-                u32::from_str_radix(h, 16) == Ok(table.version().short_hash())
-            })
-        });
-        let seq = match last {
-            Some(e) if same => e.seq,
-            Some(e) => e.seq + 1,
-            None => 1,
+        let ids = file_ids(&sources);
+        // Rollbacks record older sequence numbers again: the next new one is above all.
+        let max_seq = kept.iter().map(|e| e.seq).max().unwrap_or(0);
+        let seq = match kept.last() {
+            Some(e) if e.is(&table, &ids) => e.seq,
+            _ => {
+                let mut v = table.version();
+                v.seq = max_seq + 1;
+                state.keep_blobs(&sources)?;
+                state.append(&HistoryEntry::new(v, "coexist", "start", ids.clone(), 0))?;
+                v.seq
+            }
         };
-        let router = Arc::new(Router::with_seq(table, history, seq));
-        let c = Control {
+        let router = Arc::new(Router::resume(table, history, seq, seq.max(max_seq) + 1));
+        Ok(Control {
             routes_path: routes_path.to_path_buf(),
             targets,
             router,
             state,
-            changing: Mutex::new(()),
-        };
-        if !same {
-            let active = c.router.snapshot();
-            c.state.record(&active, "coexist", "start", 0)?;
-        }
-        Ok(c)
+            changing: Mutex::new(ids),
+        })
     }
 
     pub fn router(&self) -> &Arc<Router> {
         &self.router
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn lock(&self) -> MutexGuard<'_, FileIds> {
         self.changing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn compile(&self, text: &str) -> Result<RoutingTable, ControlError> {
-        load_routes_text(&self.routes_path, text, &self.targets)
-            .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))
+    fn rejected(&self, LoadError::Invalid(d): LoadError) -> ControlError {
+        metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
+        tracing::error!(active = %self.router.snapshot().version(), errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
+        ControlError::Rejected(d)
     }
 
-    /// Installs `table`, records it, and reports. The swap comes first: the diff over a
-    /// million mailboxes takes a while, and traffic should not wait for a report.
-    fn apply(
-        &self,
-        table: RoutingTable,
-        what: String,
-        by: &str,
-        dry_run: bool,
-    ) -> Result<ChangeReport, ControlError> {
-        if dry_run {
-            let active = self.router.snapshot();
-            return Ok(ChangeReport {
-                applied: false,
-                what,
-                from: active.version(),
-                to: table.version(),
-                diff: TableDiff::between(&active, &table, Some(REPORT_LIMIT)),
-            });
+    /// The answer to a change that would change nothing: no version, no file written.
+    fn unchanged(what: String, active: &RoutingTable) -> ChangeReport {
+        ChangeReport {
+            applied: false,
+            changed: false,
+            what,
+            from: active.version(),
+            to: active.version(),
+            diff: TableDiff::none(active.version()),
+            kept: Vec::new(),
         }
-        let swapped = self.router.swap(table);
-        let diff = TableDiff::between(&swapped.previous, &swapped.active, Some(REPORT_LIMIT));
+    }
+
+    /// The active version's files that differ on disk. Without `force` any difference
+    /// refuses the change (`refused` names it), saying what the pending edit would move.
+    fn check_pending(
+        &self,
+        active_files: &FileIds,
+        active: &RoutingTable,
+        refused: &str,
+        force: bool,
+    ) -> Result<Vec<PendingFile>, ControlError> {
+        let pending: Vec<PendingFile> = active_files
+            .iter()
+            .filter_map(|(path, id)| match std::fs::read(path) {
+                Ok(b) if blob_id(&b) == *id => None,
+                Ok(b) => Some((path.clone(), Some(b))),
+                Err(_) => Some((path.clone(), None)),
+            })
+            .collect();
+        if pending.is_empty() || force {
+            return Ok(pending);
+        }
+        let (diff, errors) = match compile_routes(&self.routes_path, &self.targets, &mut read_disk)
+        {
+            Ok((t, _)) => (
+                Some(TableDiff::between(active, &t, Some(REPORT_LIMIT))),
+                vec![],
+            ),
+            Err(LoadError::Invalid(d)) => (None, d.errors),
+        };
+        Err(ControlError::Pending(Box::new(PendingEdits {
+            refused: refused.to_string(),
+            active: active.version(),
+            files: pending.into_iter().map(|(p, _)| p).collect(),
+            diff,
+            errors,
+        })))
+    }
+
+    /// Reads `path` as the active version has it (its kept blob), or from disk when the
+    /// active version does not have that file.
+    fn read_active(&self, active_files: &FileIds, path: &Path) -> std::io::Result<Vec<u8>> {
+        match active_files.get(&path.display().to_string()) {
+            Some(id) => std::fs::read(self.state.blob_path(id)),
+            None => std::fs::read(path),
+        }
+    }
+
+    /// Makes a prepared change durable, then installs it: hand edits set aside, blobs
+    /// kept, files written, history appended, and only then the swap. A failing step
+    /// puts back the files it had written; the active table never changed.
+    fn commit(
+        &self,
+        active_files: &mut FileIds,
+        p: Prepared,
+        by: &str,
+        pending: &[PendingFile],
+    ) -> Result<ChangeReport, ControlError> {
+        let mut kept = Vec::new();
+        for (file, bytes) in pending {
+            if let Some(bytes) = bytes {
+                let at = self.state.set_aside(Path::new(file), bytes)?;
+                tracing::warn!(%file, kept = %at.display(), "hand edit set aside by a forced change");
+                kept.push(KeptFile {
+                    file: file.clone(),
+                    kept_at: at.display().to_string(),
+                });
+            }
+        }
+        self.state.keep_blobs(&p.sources)?;
+        let mut written: Vec<(PathBuf, Option<Vec<u8>>)> = Vec::new();
+        if p.write_files {
+            for f in &p.sources {
+                let before = std::fs::read(&f.path).ok();
+                if before.as_deref() == Some(f.bytes.as_slice()) {
+                    continue;
+                }
+                if let Err(e) = write_atomic(&f.path, &f.bytes) {
+                    undo(&written);
+                    return Err(e);
+                }
+                written.push((f.path.clone(), before));
+            }
+        }
+        let version = match &p.install {
+            Install::New(t) => t.version(),
+            Install::Rollback { table, .. } => table.version(),
+        };
+        let ids = file_ids(&p.sources);
+        let entry = HistoryEntry::new(version, by, &p.what, ids.clone(), p.diff.moved_total);
+        if let Err(e) = self.state.append(&entry) {
+            undo(&written);
+            return Err(e);
+        }
+        let swapped = match p.install {
+            Install::New(t) => self.router.swap(t),
+            // Cannot fail: the target was found under the same lock.
+            Install::Rollback { to, .. } => self.router.rollback(to.as_deref())?,
+        };
+        debug_assert_eq!(swapped.active.version(), version);
+        *active_files = ids;
         metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
-        tracing::info!(old = %swapped.previous.version(), new = %swapped.active.version(), %what, %by, moved = diff.moved_total, "routing table swapped");
-        self.state
-            .record(&swapped.active, by, &what, diff.moved_total)?;
+        tracing::info!(old = %swapped.previous.version(), new = %swapped.active.version(), what = %p.what, %by, moved = p.diff.moved_total, "routing table swapped");
         Ok(ChangeReport {
             applied: true,
-            what,
+            changed: true,
+            what: p.what,
             from: swapped.previous.version(),
             to: swapped.active.version(),
-            diff,
+            diff: p.diff,
+            kept,
         })
     }
 
-    fn rejected(&self, e: ControlError) -> ControlError {
-        if let ControlError::Rejected(d) = &e {
-            metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
-            tracing::error!(active = %self.router.snapshot().version(), errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
+    /// A newly compiled table as the next version, compared with the active one.
+    fn prepare_new(
+        &self,
+        mut table: RoutingTable,
+        sources: Vec<SourceFile>,
+        what: String,
+        active: &RoutingTable,
+        write_files: bool,
+    ) -> Prepared {
+        table.set_seq(self.router.next_seq());
+        let diff = TableDiff::between(active, &table, Some(REPORT_LIMIT));
+        Prepared {
+            install: Install::New(table),
+            sources,
+            what,
+            diff,
+            write_files,
         }
-        e
+    }
+
+    fn dry_run(p: Prepared, active: &RoutingTable) -> ChangeReport {
+        let to = match &p.install {
+            Install::New(t) => t.version(),
+            Install::Rollback { table, .. } => table.version(),
+        };
+        ChangeReport {
+            applied: false,
+            changed: true,
+            what: p.what,
+            from: active.version(),
+            to,
+            diff: p.diff,
+            kept: Vec::new(),
+        }
     }
 
     /// Re-reads the source files.
     pub fn reload(&self, dry_run: bool, by: &str) -> Result<ChangeReport, ControlError> {
-        let _g = self.lock();
-        let text = std::fs::read_to_string(&self.routes_path).map_err(io_err(&self.routes_path))?;
-        let table = self.compile(&text).map_err(|e| self.rejected(e))?;
-        self.apply(table, "reload".into(), by, dry_run)
+        self.reload_with(dry_run, by, &mut read_disk)
     }
 
-    /// Changes a site's or a mailbox's owner in the routes file and applies it.
+    fn reload_with(
+        &self,
+        dry_run: bool,
+        by: &str,
+        read: &mut crate::route::ReadSource<'_>,
+    ) -> Result<ChangeReport, ControlError> {
+        let mut g = self.lock();
+        let (table, sources) =
+            compile_routes(&self.routes_path, &self.targets, read).map_err(|e| self.rejected(e))?;
+        let active = self.router.snapshot();
+        if file_ids(&sources) == *g {
+            return Ok(Self::unchanged("reload".into(), &active));
+        }
+        let p = self.prepare_new(table, sources, "reload".into(), &active, false);
+        if dry_run {
+            return Ok(Self::dry_run(p, &active));
+        }
+        self.commit(&mut g, p, by, &[])
+    }
+
+    /// Changes a site's or a mailbox's owner in the routes file and applies it. The edit is
+    /// made to the active version's routes file; with pending hand edits on disk it is
+    /// refused unless `force`, which sets the edited files aside first.
     pub fn cutover(
         &self,
         change: &Change,
         dry_run: bool,
+        force: bool,
         by: &str,
     ) -> Result<ChangeReport, ControlError> {
-        let _g = self.lock();
+        let mut g = self.lock();
         let path = &self.routes_path;
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        let mut doc: toml_edit::DocumentMut =
-            text.parse()
-                .map_err(|e: toml_edit::TomlError| ControlError::Source {
-                    path: path.clone(),
-                    what: e.to_string(),
-                })?;
         let active = self.router.snapshot();
-        let to = match change {
-            Change::Site { to, .. } | Change::Mailbox { to, .. } => to,
+        let (to, asked) = match change {
+            Change::Site { site, to } => (to, format!("cutover site {site} -> {to}")),
+            Change::Mailbox { mailbox, to } => (to, format!("cutover mailbox {mailbox} -> {to}")),
         };
         if active.target_id(to).is_none() {
             let known: Vec<&str> = active.target_names().collect();
@@ -326,71 +641,71 @@ impl Control {
                 known.join(", ")
             )));
         }
-        let what = match change {
-            Change::Site { site, to } => {
-                let Some(entry) = doc
-                    .get_mut("sites")
-                    .and_then(|s| s.get_mut(site))
-                    .and_then(|s| s.as_table_like_mut())
-                else {
-                    return Err(ControlError::NotFound(format!(
-                        "no site {site:?} in {}",
-                        path.display()
-                    )));
-                };
-                // Only the value changes: comments and order stay as the operator wrote them.
-                match entry.get_mut("owner").and_then(|o| o.as_value_mut()) {
-                    Some(v) => {
-                        let decor = v.decor().clone();
-                        *v = toml_edit::Value::from(to.as_str());
-                        *v.decor_mut() = decor;
-                    }
-                    None => {
-                        entry.insert("owner", toml_edit::value(to.as_str()));
-                    }
-                }
-                format!("cutover site {site} -> {to}")
-            }
-            Change::Mailbox { mailbox, to } => {
-                let Route::Mailbox(m) = active.lookup(mailbox) else {
-                    return Err(ControlError::NotFound(format!(
-                        "no mailbox {mailbox:?} in the active table"
-                    )));
-                };
-                let address = m.address().to_string();
-                if doc.get("owners").is_none() {
-                    let mut t = toml_edit::Table::new();
-                    t.decor_mut().set_prefix(
-                        "\n# Per-mailbox owners (pilot users), written by `coexist cutover --mailbox`.\n# A mailbox listed here stays with its owner when its site moves.\n",
-                    );
-                    doc.insert("owners", toml_edit::Item::Table(t));
-                }
-                let owners = doc
-                    .get_mut("owners")
-                    .and_then(|o| o.as_table_like_mut())
-                    .ok_or_else(|| ControlError::Source {
-                        path: path.clone(),
-                        what: "`owners` is not a table".into(),
-                    })?;
-                owners.insert(&address, toml_edit::value(to.as_str()));
-                format!("cutover mailbox {address} -> {to}")
+        let pending = self.check_pending(&g, &active, &asked, force)?;
+        let text = self
+            .read_active(&g, path)
+            .map_err(io_err(path))
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|e| ControlError::Source {
+                    path: path.clone(),
+                    what: e.to_string(),
+                })
+            })?;
+        let (new_text, what) = edit_routes(path, &text, change, &active)?;
+        let mut read = |p: &Path| {
+            if p == path.as_path() {
+                Ok(new_text.as_bytes().to_vec())
+            } else {
+                self.read_active(&g, p)
             }
         };
-        let new_text = doc.to_string();
-        let table = self.compile(&new_text).map_err(|e| self.rejected(e))?;
-        if !dry_run {
-            write_atomic(path, new_text.as_bytes())?;
+        let (table, sources) =
+            compile_routes(path, &self.targets, &mut read).map_err(|e| self.rejected(e))?;
+        if table.version().hash == active.version().hash {
+            return Ok(Self::unchanged(what, &active));
         }
-        self.apply(table, what, by, dry_run)
+        let p = self.prepare_new(table, sources, what, &active, true);
+        if dry_run {
+            return Ok(Self::dry_run(p, &active));
+        }
+        self.commit(&mut g, p, by, &pending)
     }
 
-    /// Goes back to the previous version (or `to`): the table and its source files.
-    pub fn rollback(&self, to: Option<&str>, by: &str) -> Result<ChangeReport, ControlError> {
-        let _g = self.lock();
+    /// Goes back to the previous version (or `to`): the table and its source files. With
+    /// pending hand edits on disk it is refused unless `force`, which sets them aside.
+    pub fn rollback(
+        &self,
+        to: Option<&str>,
+        force: bool,
+        by: &str,
+    ) -> Result<ChangeReport, ControlError> {
+        let mut g = self.lock();
         let active = self.router.snapshot();
+        let asked = to.map_or_else(|| "rollback".to_string(), |v| format!("rollback to {v}"));
+        let pending = self.check_pending(&g, &active, &asked, force)?;
         let kept = self.state.read_history();
-        let swapped = match self.router.rollback(to) {
-            Ok(s) => s,
+        let p = match self.router.rollback_target(to) {
+            Ok(target) => {
+                let v = target.version().to_string();
+                let Some(entry) = kept.iter().rev().find(|e| e.version == v) else {
+                    return Err(ControlError::NotFound(format!(
+                        "version {v} has no kept source files in {}; nothing changed",
+                        self.state.dir.display()
+                    )));
+                };
+                let sources = self.state.sources(&entry.files)?;
+                let diff = TableDiff::between(&active, &target, Some(REPORT_LIMIT));
+                Prepared {
+                    install: Install::Rollback {
+                        to: to.map(str::to_string),
+                        table: target,
+                    },
+                    sources,
+                    what: format!("rollback to {v}"),
+                    diff,
+                    write_files: true,
+                }
+            }
             Err(RollbackError::NoEarlier) if to.is_none() && self.router.history().len() == 1 => {
                 // Nothing changed since this process started (a restart): the version that
                 // was active before, from the kept history.
@@ -398,61 +713,50 @@ impl Control {
                 let Some(entry) = kept.iter().rev().find(|e| e.version != active_v) else {
                     return Err(RollbackError::NoEarlier.into());
                 };
-                let table = self.restore_and_load(&kept, entry, &active)?;
-                return self.apply(table, format!("rollback to {}", entry.version), by, false);
+                self.prepare_kept(entry, &active)?
             }
             Err(RollbackError::UnknownVersion(v)) => {
                 // Not in memory (older, or from before a restart): rebuild it from its files.
                 let Some(entry) = kept.iter().rev().find(|e| version_matches(e, &v)) else {
                     return Err(RollbackError::UnknownVersion(v).into());
                 };
-                let table = self.restore_and_load(&kept, entry, &active)?;
-                return self.apply(table, format!("rollback to {}", entry.version), by, false);
+                self.prepare_kept(entry, &active)?
             }
             Err(e) => return Err(e.into()),
         };
-        let target = swapped.active.version();
-        if let Some(entry) = kept.iter().rev().find(|e| e.version == target.to_string()) {
-            self.state.restore(entry)?;
-        } else {
-            tracing::warn!(version = %target, "no kept source files for this version; only the table was rolled back");
-        }
-        let diff = TableDiff::between(&active, &swapped.active, Some(REPORT_LIMIT));
-        let what = format!("rollback to {target}");
-        metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
-        tracing::info!(old = %active.version(), new = %target, %by, moved = diff.moved_total, "routing table rolled back");
-        self.state
-            .record(&swapped.active, by, &what, diff.moved_total)?;
-        Ok(ChangeReport {
-            applied: true,
-            what,
-            from: active.version(),
-            to: target,
-            diff,
-        })
+        self.commit(&mut g, p, by, &pending)
     }
 
-    /// Puts a kept version's files back and compiles them; if they no longer compile (the
-    /// targets changed since), the active version's files are put back, so the files on disk
-    /// never disagree with the table that serves.
-    fn restore_and_load(
+    /// A kept version compiled again from its blobs. If they no longer compile (the
+    /// targets changed since), nothing is written and the active version keeps serving.
+    fn prepare_kept(
         &self,
-        kept: &[HistoryEntry],
         entry: &HistoryEntry,
         active: &RoutingTable,
-    ) -> Result<RoutingTable, ControlError> {
-        let active_v = active.version().to_string();
-        let current = kept.iter().rev().find(|e| e.version == active_v);
-        self.state.restore(entry)?;
-        match load_routes(&self.routes_path, &self.targets) {
-            Ok(t) => Ok(t),
-            Err(LoadError::Invalid(d)) => {
-                if let Some(c) = current {
-                    self.state.restore(c)?;
-                }
-                Err(self.rejected(ControlError::Rejected(d)))
-            }
-        }
+    ) -> Result<Prepared, ControlError> {
+        let kept: BTreeMap<PathBuf, Vec<u8>> = self
+            .state
+            .sources(&entry.files)?
+            .into_iter()
+            .map(|f| (f.path, f.bytes))
+            .collect();
+        let mut read = |p: &Path| {
+            kept.get(p).cloned().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("not among the kept files of version {}", entry.version),
+                )
+            })
+        };
+        let (table, sources) = compile_routes(&self.routes_path, &self.targets, &mut read)
+            .map_err(|e| self.rejected(e))?;
+        Ok(self.prepare_new(
+            table,
+            sources,
+            format!("rollback to {}", entry.version),
+            active,
+            true,
+        ))
     }
 
     /// Applied versions, newest first.
@@ -462,6 +766,85 @@ impl Control {
         h.truncate(limit);
         h
     }
+}
+
+/// Puts back files a failed change had written (`None`: the file did not exist).
+fn undo(written: &[(PathBuf, Option<Vec<u8>>)]) {
+    for (path, before) in written.iter().rev() {
+        let r = match before {
+            Some(b) => write_atomic(path, b),
+            None => std::fs::remove_file(path).map_err(io_err(path)),
+        };
+        if let Err(e) = r {
+            tracing::error!(file = %path.display(), "cannot put back a file after a failed change: {e}");
+        }
+    }
+}
+
+/// The routes file's text with `change` made: only the value changes, so comments and
+/// order stay as the operator wrote them. Returns the new text and what the change is.
+fn edit_routes(
+    path: &Path,
+    text: &str,
+    change: &Change,
+    active: &RoutingTable,
+) -> Result<(String, String), ControlError> {
+    let mut doc: toml_edit::DocumentMut =
+        text.parse()
+            .map_err(|e: toml_edit::TomlError| ControlError::Source {
+                path: path.to_path_buf(),
+                what: e.to_string(),
+            })?;
+    let what = match change {
+        Change::Site { site, to } => {
+            let Some(entry) = doc
+                .get_mut("sites")
+                .and_then(|s| s.get_mut(site))
+                .and_then(|s| s.as_table_like_mut())
+            else {
+                return Err(ControlError::NotFound(format!(
+                    "no site {site:?} in {}",
+                    path.display()
+                )));
+            };
+            match entry.get_mut("owner").and_then(|o| o.as_value_mut()) {
+                Some(v) => {
+                    let decor = v.decor().clone();
+                    *v = toml_edit::Value::from(to.as_str());
+                    *v.decor_mut() = decor;
+                }
+                None => {
+                    entry.insert("owner", toml_edit::value(to.as_str()));
+                }
+            }
+            format!("cutover site {site} -> {to}")
+        }
+        Change::Mailbox { mailbox, to } => {
+            let Route::Mailbox(m) = active.lookup(mailbox) else {
+                return Err(ControlError::NotFound(format!(
+                    "no mailbox {mailbox:?} in the active table"
+                )));
+            };
+            let address = m.address().to_string();
+            if doc.get("owners").is_none() {
+                let mut t = toml_edit::Table::new();
+                t.decor_mut().set_prefix(
+                    "\n# Per-mailbox owners (pilot users), written by `coexist cutover --mailbox`.\n# A mailbox listed here stays with its owner when its site moves.\n",
+                );
+                doc.insert("owners", toml_edit::Item::Table(t));
+            }
+            let owners = doc
+                .get_mut("owners")
+                .and_then(|o| o.as_table_like_mut())
+                .ok_or_else(|| ControlError::Source {
+                    path: path.to_path_buf(),
+                    what: "`owners` is not a table".into(),
+                })?;
+            owners.insert(&address, toml_edit::value(to.as_str()));
+            format!("cutover mailbox {address} -> {to}")
+        }
+    };
+    Ok((doc.to_string(), what))
 }
 
 fn version_matches(e: &HistoryEntry, spec: &str) -> bool {

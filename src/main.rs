@@ -65,6 +65,11 @@ enum Command {
         /// Show what would move without changing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Proceed although the source files were edited by hand and not reloaded: the
+        /// edited files are set aside in the state directory (their path is printed) and
+        /// the change is made to the active version's files.
+        #[arg(long)]
+        force: bool,
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long)]
@@ -74,6 +79,10 @@ enum Command {
     Rollback {
         #[arg(long)]
         to: Option<String>,
+        /// Proceed although the source files were edited by hand and not reloaded: the
+        /// edited files are set aside in the state directory (their path is printed).
+        #[arg(long)]
+        force: bool,
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long)]
@@ -189,6 +198,7 @@ fn main() -> ExitCode {
             mailbox,
             to,
             dry_run,
+            force,
             config,
             json,
         } => {
@@ -197,12 +207,18 @@ fn main() -> ExitCode {
                 (Some(s), None) => json!({"site": s, "to": to}),
                 (None, None) => unreachable!("clap requires one"),
             };
-            let q = if dry_run { "?dry_run=1" } else { "" };
+            let q = query(&[("dry_run", dry_run), ("force", force)]);
             admin_change(&config, &format!("/routes/cutover{q}"), &body, json)
         }
-        Command::Rollback { to, config, json } => {
+        Command::Rollback {
+            to,
+            force,
+            config,
+            json,
+        } => {
             let body = to.map_or_else(|| json!({}), |v| json!({"version": v}));
-            admin_change(&config, "/routes/rollback", &body, json)
+            let q = query(&[("force", force)]);
+            admin_change(&config, &format!("/routes/rollback{q}"), &body, json)
         }
         Command::Reload {
             dry_run,
@@ -380,11 +396,40 @@ impl AdminClient {
     }
 }
 
+/// `?a=1&b=1` for the flags that are set.
+fn query(flags: &[(&str, bool)]) -> String {
+    let set: Vec<String> = flags
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| format!("{name}=1"))
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", set.join("&"))
+    }
+}
+
 fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool) -> Result<()> {
     let client = AdminClient::from_config(config)?;
     let v = client.call("POST", path, Some(body))?;
     if json {
         println!("{v:#}");
+        return Ok(());
+    }
+    for k in v["kept"].as_array().into_iter().flatten() {
+        println!(
+            "{} was edited by hand and not reloaded: kept as {}",
+            k["file"].as_str().unwrap_or("?"),
+            k["kept_at"].as_str().unwrap_or("?")
+        );
+    }
+    if v["changed"] == false {
+        println!(
+            "{}: nothing to change, version {} stays active",
+            v["what"].as_str().unwrap_or("change"),
+            v["from"].as_str().unwrap_or("?"),
+        );
         return Ok(());
     }
     let applied = v["applied"].as_bool().unwrap_or(false);

@@ -68,6 +68,21 @@ pub struct TableDiff {
 }
 
 impl TableDiff {
+    /// The diff of a version with itself: nothing moves.
+    pub fn none(v: Version) -> Self {
+        TableDiff {
+            from: v,
+            to: v,
+            sites: Vec::new(),
+            targets: Vec::new(),
+            domains: Vec::new(),
+            moved_total: 0,
+            moved: Vec::new(),
+            added: 0,
+            removed: 0,
+        }
+    }
+
     /// Compares `a` (before) with `b` (after), keeping at most `limit` moved mailboxes in
     /// the list (`None`: all).
     pub fn between(a: &RoutingTable, b: &RoutingTable, limit: Option<usize>) -> Self {

@@ -18,7 +18,9 @@ pub use diff::TableDiff;
 pub use explain::explain;
 pub use normalize::LocalPolicy;
 pub use router::{DEFAULT_HISTORY, RollbackError, Router, Swapped};
-pub use source::{LoadError, load_routes, load_routes_text};
+pub use source::{
+    LoadError, ReadSource, SourceFile, compile_routes, load_routes, load_routes_text,
+};
 pub use table::{
     Field, KnownTargets, MailboxRef, MailboxSpec, Route, RoutingTable, TableBuilder, TargetId,
     Version,

@@ -57,7 +57,13 @@ impl Router {
     }
 
     /// A router serving `table` as version `seq` (continuing a history kept on disk).
-    pub fn with_seq(mut table: RoutingTable, history: usize, seq: u64) -> Self {
+    pub fn with_seq(table: RoutingTable, history: usize, seq: u64) -> Self {
+        Self::resume(table, history, seq, seq + 1)
+    }
+
+    /// A router serving `table` as version `seq`, numbering the next installed table
+    /// `next_seq` (a kept history may hold numbers above the active one after rollbacks).
+    pub fn resume(mut table: RoutingTable, history: usize, seq: u64, next_seq: u64) -> Self {
         table.set_seq(seq);
         let table = Arc::new(table);
         Self {
@@ -65,7 +71,7 @@ impl Router {
             state: Mutex::new(State {
                 history: VecDeque::from([table]),
                 previous: Vec::new(),
-                next_seq: seq + 1,
+                next_seq: next_seq.max(seq + 1),
                 capacity: history.max(1),
             }),
         }
@@ -116,6 +122,35 @@ impl Router {
                 break;
             };
             st.history.remove(pos);
+        }
+    }
+
+    /// The sequence number the next [`Router::swap`] gives: the control plane records a
+    /// version durably under this number before it installs it.
+    pub fn next_seq(&self) -> u64 {
+        self.state().next_seq
+    }
+
+    /// The table [`Router::rollback`] with the same `to` would make active, without
+    /// changing anything: the control plane restores and records its files first.
+    pub fn rollback_target(&self, to: Option<&str>) -> Result<Arc<RoutingTable>, RollbackError> {
+        let st = self.state();
+        let active = self.active.load_full();
+        match to {
+            Some(spec) => {
+                let t = st
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|t| t.version().matches(spec))
+                    .cloned()
+                    .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?;
+                if Arc::ptr_eq(&t, &active) {
+                    return Err(RollbackError::AlreadyActive(active.version()));
+                }
+                Ok(t)
+            }
+            None => st.previous.last().cloned().ok_or(RollbackError::NoEarlier),
         }
     }
 
@@ -221,6 +256,26 @@ mod tests {
             r.rollback(Some("99")),
             Err(RollbackError::UnknownVersion(_))
         ));
+    }
+
+    #[test]
+    fn rollback_target_names_what_rollback_installs_and_changes_nothing() {
+        let r = Router::new(table("old"), 10);
+        assert_eq!(r.next_seq(), 2);
+        r.swap(table("new"));
+        r.swap(table("new"));
+        assert_eq!(r.next_seq(), 4);
+        for to in [None, Some("1"), Some("2")] {
+            let peek = r.rollback_target(to).unwrap();
+            assert_eq!(r.snapshot().version().seq, 3, "a peek swaps nothing");
+            let done = r.rollback(to).unwrap();
+            assert!(Arc::ptr_eq(&peek, &done.active), "{to:?}");
+            r.rollback(Some("3")).unwrap();
+        }
+        assert_eq!(
+            r.rollback_target(Some("3")).unwrap_err(),
+            RollbackError::AlreadyActive(r.snapshot().version())
+        );
     }
 
     #[test]

@@ -85,17 +85,21 @@ impl LoadError {
     }
 }
 
+/// One source file exactly as a table was compiled from it: what the control plane keeps
+/// for a version, so that the kept bytes are the compiled bytes even if the file on disk
+/// changes while a change is in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads a source file's bytes: the disk, or a change's edited text and kept versions.
+pub type ReadSource<'a> = dyn FnMut(&Path) -> std::io::Result<Vec<u8>> + 'a;
+
 /// Loads, validates and compiles the table whose source is `path`.
 pub fn load_routes(path: &Path, targets: &KnownTargets) -> Result<RoutingTable, LoadError> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => load_routes_text(path, &text, targets),
-        Err(e) => {
-            let mut b = TableBuilder::new(targets);
-            let file = b.add_file(path);
-            b.error(file, 0, format!("cannot read: {e}"));
-            Err(LoadError::Invalid(finish_errors(b)))
-        }
-    }
+    compile_routes(path, targets, &mut |p: &Path| std::fs::read(p)).map(|(t, _)| t)
 }
 
 /// Compiles a routes file's `text` as if it were at `path` (CSV imports are read relative to
@@ -105,10 +109,37 @@ pub fn load_routes_text(
     text: &str,
     targets: &KnownTargets,
 ) -> Result<RoutingTable, LoadError> {
+    let mut read = |p: &Path| {
+        if p == path {
+            Ok(text.as_bytes().to_vec())
+        } else {
+            std::fs::read(p)
+        }
+    };
+    compile_routes(path, targets, &mut read).map(|(t, _)| t)
+}
+
+/// Compiles the table whose routes file is `path`, reading every file (the routes file and
+/// its CSV imports) once through `read`, and returns the bytes it compiled, file by file
+/// (routes file first).
+pub fn compile_routes(
+    path: &Path,
+    targets: &KnownTargets,
+    read: &mut ReadSource<'_>,
+) -> Result<(RoutingTable, Vec<SourceFile>), LoadError> {
     let mut b = TableBuilder::new(targets);
     b.set_source(path.display().to_string());
     let file = b.add_file(path);
-    let text = text.to_string();
+    let text = match read(path).and_then(|bytes| {
+        String::from_utf8(bytes)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.utf8_error()))
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            b.error(file, 0, format!("cannot read: {e}"));
+            return Err(LoadError::Invalid(finish_errors(b)));
+        }
+    };
     let lines = LineIndex::new(&text);
     let raw: RawRoutes = match toml::from_str(&text) {
         Ok(r) => r,
@@ -157,18 +188,34 @@ pub fn load_routes_text(
         };
         b.add_mailbox(file, &spec);
     }
+    let mut sources = Vec::with_capacity(1 + raw.import.as_ref().map_or(0, |i| i.csv.len()));
     let base = path.parent().unwrap_or(Path::new("."));
     for csv in raw.import.iter().flat_map(|i| &i.csv) {
         let csv_path: PathBuf = base.join(csv.get_ref());
-        if let Err(e) = import_csv(&mut b, &csv_path) {
-            b.error(
+        let imported = read(&csv_path)
+            .map_err(csv::Error::from)
+            .and_then(|bytes| import_csv(&mut b, &csv_path, &bytes).map(|()| bytes));
+        match imported {
+            Ok(bytes) => sources.push(SourceFile {
+                path: csv_path,
+                bytes,
+            }),
+            Err(e) => b.error(
                 file,
                 line_of(csv),
                 format!("cannot read {}: {e}", csv_path.display()),
-            );
+            ),
         }
     }
-    b.finish().map_err(LoadError::Invalid)
+    sources.insert(
+        0,
+        SourceFile {
+            path: path.to_path_buf(),
+            bytes: text.into_bytes(),
+        },
+    );
+    let table = b.finish().map_err(LoadError::Invalid)?;
+    Ok((table, sources))
 }
 
 fn spanned_field<'a>(s: &'a Spanned<String>, lines: &LineIndex) -> Field<'a> {
@@ -245,15 +292,15 @@ fn cell_values(cell: &str, addresses: bool) -> impl Iterator<Item = &str> {
 
 /// Reads one CSV import into the builder. I/O and CSV syntax errors end the file; field
 /// problems are reported per row and the rest of the file is still checked.
-fn import_csv(b: &mut TableBuilder, path: &Path) -> Result<(), csv::Error> {
+fn import_csv(b: &mut TableBuilder, path: &Path, bytes: &[u8]) -> Result<(), csv::Error> {
     let file = b.add_file(path);
-    let meta_len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let meta_len = bytes.len();
     let mut rdr = csv::ReaderBuilder::new()
         .has_headers(false)
         .flexible(true)
         // PowerShell's Export-Csv writes a `#TYPE …` line first.
         .comment(Some(b'#'))
-        .from_path(path)?;
+        .from_reader(bytes);
     let mut record = csv::StringRecord::new();
     if !rdr.read_record(&mut record)? {
         b.error(file, 0, "empty CSV file (expected a header row)");
@@ -296,7 +343,7 @@ fn import_csv(b: &mut TableBuilder, path: &Path) -> Result<(), csv::Error> {
         return Ok(());
     }
     // ~70 bytes a row with two aliases; a good guess saves rehashing a large index.
-    b.reserve((meta_len / 70) as usize, 3);
+    b.reserve(meta_len / 70, 3);
     let col = |c: Column| columns.iter().position(|x| *x == Some(c));
     let (c_addr, c_alias, c_site, c_owner, c_guid, c_login) = (
         col(Column::Address),
