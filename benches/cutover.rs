@@ -58,13 +58,13 @@ fn main() {
             };
             let t0 = Instant::now();
             let report = if rollback {
-                control.rollback(None, "bench").unwrap()
+                control.rollback(None, false, "bench").unwrap()
             } else {
                 let change = Change::Site {
                     site: "site000".into(),
                     to: to.into(),
                 };
-                control.cutover(&change, false, "bench").unwrap()
+                control.cutover(&change, false, false, "bench").unwrap()
             };
             let done = t0.elapsed();
             let routed = watcher.join().unwrap() - t0;

@@ -320,7 +320,7 @@ pub struct Control {
 /// How a prepared change installs its table.
 enum Install {
     /// A newly compiled table, installed as the next version.
-    New(RoutingTable),
+    New(Box<RoutingTable>),
     /// A version the router still holds, made active again by `Router::rollback(to)`.
     Rollback {
         to: Option<String>,
@@ -537,7 +537,7 @@ impl Control {
             return Err(e);
         }
         let swapped = match p.install {
-            Install::New(t) => self.router.swap(t),
+            Install::New(t) => self.router.swap(*t),
             // Cannot fail: the target was found under the same lock.
             Install::Rollback { to, .. } => self.router.rollback(to.as_deref())?,
         };
@@ -568,7 +568,7 @@ impl Control {
         table.set_seq(self.router.next_seq());
         let diff = TableDiff::between(active, &table, Some(REPORT_LIMIT));
         Prepared {
-            install: Install::New(table),
+            install: Install::New(Box::new(table)),
             sources,
             what,
             diff,
@@ -853,4 +853,207 @@ fn version_matches(e: &HistoryEntry, spec: &str) -> bool {
     };
     let spec = spec.trim().trim_start_matches('v');
     spec == e.version || spec == seq || spec.eq_ignore_ascii_case(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTES: &str = "[domains.\"example.com\"]\nunknown = \"old\"\n\n\
+        [sites.paris]\nowner = \"new\"\n[sites.berlin]\nowner = \"old\"\n\n\
+        [[mailbox]]\naddress = \"alice@example.com\"\nsite = \"paris\"\n\n\
+        [[mailbox]]\naddress = \"bob@example.com\"\nsite = \"berlin\"\n";
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("routes.toml"), ROUTES).unwrap();
+            Fixture { dir }
+        }
+
+        fn routes(&self) -> PathBuf {
+            self.dir.path().join("routes.toml")
+        }
+
+        fn state(&self) -> PathBuf {
+            self.dir.path().join("state")
+        }
+
+        fn start(&self) -> Control {
+            Control::start(
+                &self.routes(),
+                KnownTargets::Exactly(vec!["old".into(), "new".into()]),
+                10,
+                &self.state(),
+            )
+            .unwrap()
+        }
+
+        fn text(&self) -> String {
+            std::fs::read_to_string(self.routes()).unwrap()
+        }
+
+        /// Makes the history file impossible to append to (root ignores permissions).
+        fn break_history(&self) {
+            let h = self.state().join("history.jsonl");
+            std::fs::remove_file(&h).unwrap();
+            std::fs::create_dir(&h).unwrap();
+        }
+    }
+
+    fn owner(c: &Control, address: &str) -> String {
+        match c.router().snapshot().lookup(address) {
+            Route::Mailbox(m) => m.owner_name().to_string(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn berlin(to: &str) -> Change {
+        Change::Site {
+            site: "berlin".into(),
+            to: to.into(),
+        }
+    }
+
+    #[test]
+    fn a_failing_history_write_leaves_files_and_table_as_they_were() {
+        let f = Fixture::new();
+        let c = f.start();
+        f.break_history();
+        let e = c.cutover(&berlin("new"), false, false, "test").unwrap_err();
+        assert!(matches!(e, ControlError::Io { .. }), "{e}");
+        assert_eq!(c.router().snapshot().version().seq, 1, "nothing swapped");
+        assert_eq!(owner(&c, "bob@example.com"), "old");
+        assert_eq!(f.text(), ROUTES, "the written routes file was put back");
+    }
+
+    #[test]
+    fn a_rollback_whose_restore_fails_leaves_files_and_table_as_they_were() {
+        let f = Fixture::new();
+        let csv = f.dir.path().join("more.csv");
+        std::fs::write(&csv, "address,site\ncarol@example.com,berlin\n").unwrap();
+        std::fs::write(
+            f.routes(),
+            format!("{ROUTES}\n[import]\ncsv = [\"more.csv\"]\n"),
+        )
+        .unwrap();
+        let c = f.start();
+        // Version 2 changes both files.
+        let v2_routes = f.text().replace(
+            "[sites.berlin]\nowner = \"old\"",
+            "[sites.berlin]\nowner = \"new\"",
+        );
+        let v2_csv = "address,site\ncarol@example.com,berlin\ndave@example.com,berlin\n";
+        std::fs::write(f.routes(), &v2_routes).unwrap();
+        std::fs::write(&csv, v2_csv).unwrap();
+        c.reload(false, "test").unwrap();
+        // The CSV cannot be replaced: its temporary file's name is taken by a directory.
+        let blocker = f
+            .dir
+            .path()
+            .join(format!(".more.csv.tmp.{}", std::process::id()));
+        std::fs::create_dir(&blocker).unwrap();
+        let e = c.rollback(None, false, "test").unwrap_err();
+        assert!(matches!(e, ControlError::Io { .. }), "{e}");
+        assert_eq!(c.router().snapshot().version().seq, 2, "still version 2");
+        assert_eq!(owner(&c, "dave@example.com"), "new");
+        assert_eq!(f.text(), v2_routes, "the restored routes file was put back");
+        assert_eq!(std::fs::read_to_string(&csv).unwrap(), v2_csv);
+        assert_eq!(c.history(10).len(), 2, "no version recorded");
+        std::fs::remove_dir(&blocker).unwrap();
+        c.rollback(None, false, "test").unwrap();
+        assert_eq!(owner(&c, "bob@example.com"), "old");
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_keep_blobs_changes_nothing() {
+        let f = Fixture::new();
+        let c = f.start();
+        let blobs = f.state().join("blobs");
+        std::fs::remove_dir_all(&blobs).unwrap();
+        std::fs::write(&blobs, "not a directory").unwrap();
+        assert!(c.cutover(&berlin("new"), false, false, "test").is_err());
+        assert_eq!(c.router().snapshot().version().seq, 1);
+        assert_eq!(f.text(), ROUTES);
+        assert_eq!(c.history(10).len(), 1, "no version recorded");
+    }
+
+    #[test]
+    fn the_bytes_compiled_are_the_bytes_kept_when_a_file_is_replaced_mid_change() {
+        let f = Fixture::new();
+        let c = f.start();
+        let moved = ROUTES.replace(
+            "[sites.berlin]\nowner = \"old\"",
+            "[sites.berlin]\nowner = \"new\"",
+        );
+        std::fs::write(f.routes(), &moved).unwrap();
+        // The file is replaced right after the reload read it (an editor saving again).
+        let later = format!("# saved again\n{moved}");
+        let routes = f.routes();
+        let mut read = |p: &Path| {
+            let bytes = std::fs::read(p)?;
+            if p == routes.as_path() {
+                std::fs::write(p, &later)?;
+            }
+            Ok(bytes)
+        };
+        let r = c.reload_with(false, "test", &mut read).unwrap();
+        assert!(r.applied && r.changed);
+        let entry = &c.history(1)[0];
+        let id = &entry.files[&f.routes().display().to_string()];
+        assert_eq!(
+            id,
+            &blob_id(moved.as_bytes()),
+            "the compiled bytes are kept"
+        );
+        assert_eq!(
+            std::fs::read(f.state().join("blobs").join(id)).unwrap(),
+            moved.as_bytes()
+        );
+        // The later save is a pending edit, not part of the version.
+        let e = c.cutover(&berlin("old"), false, false, "test").unwrap_err();
+        assert!(matches!(e, ControlError::Pending(_)), "{e}");
+    }
+
+    #[test]
+    fn restart_identity_compares_the_full_hash_and_the_files() {
+        let f = Fixture::new();
+        drop(f.start());
+        assert_eq!(f.start().router().snapshot().version().seq, 1, "same files");
+        // An entry whose short hash matches but whose full hash does not is another table.
+        let h = f.state().join("history.jsonl");
+        let mut e: HistoryEntry =
+            serde_json::from_str(std::fs::read_to_string(&h).unwrap().trim()).unwrap();
+        let full = u64::from_str_radix(e.hash.as_deref().unwrap(), 16).unwrap();
+        e.hash = Some(format!("{:016x}", full ^ 1));
+        std::fs::write(&h, format!("{}\n", serde_json::to_string(&e).unwrap())).unwrap();
+        let c = f.start();
+        assert_eq!(c.router().snapshot().version().seq, 2);
+        drop(c);
+        // A comment changes no route but changes the files: kept as a version of its own,
+        // so the active version's files are what is on disk.
+        std::fs::write(f.routes(), format!("# reviewed\n{ROUTES}")).unwrap();
+        let c = f.start();
+        assert_eq!(c.router().snapshot().version().seq, 3);
+        assert_eq!(c.history(1)[0].what, "start");
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
+    }
+
+    #[test]
+    fn numbers_continue_above_every_kept_version_after_a_rollback_and_restart() {
+        let f = Fixture::new();
+        let c = f.start();
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
+        c.rollback(None, false, "test").unwrap();
+        assert_eq!(c.router().snapshot().version().seq, 1);
+        drop(c);
+        let c = f.start();
+        assert_eq!(c.router().snapshot().version().seq, 1);
+        let r = c.cutover(&berlin("new"), false, false, "test").unwrap();
+        assert_eq!(r.to.seq, 3, "2 is taken by the first cutover");
+    }
 }

@@ -451,3 +451,163 @@ async fn zero_failed_sessions_while_cutting_over_and_back_100_times() {
     // After the last rollback the site is back on its original owner: the first version.
     assert!(s["version"].as_str().unwrap().starts_with("1-"), "{s}");
 }
+
+/// Versions in the kept history, oldest first.
+async fn history_versions(p: &Proxy) -> Vec<String> {
+    let (_, h) = p.admin("GET", "/routes/history", None).await;
+    let mut v: Vec<String> = h["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["version"].as_str().unwrap().to_string())
+        .collect();
+    v.reverse();
+    v
+}
+
+#[tokio::test]
+async fn a_hand_edit_that_was_not_reloaded_is_never_lost_nor_applied_under_another_name() {
+    let (_old, _new, p) = setup().await;
+    let (code, v) = p
+        .admin(
+            "POST",
+            "/routes/cutover",
+            Some(json!({"site": "berlin", "to": "new"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let after_cutover = std::fs::read_to_string(p.routes_path()).unwrap();
+    // The operator edits by hand (a comment, and paris moves back to old) and does not
+    // reload.
+    let edited = after_cutover.replace(
+        "[sites.paris]\nowner = \"new\"",
+        "# paris waits for the new firewall\n[sites.paris]\nowner = \"old\"",
+    );
+    assert_ne!(edited, after_cutover);
+    std::fs::write(p.routes_path(), &edited).unwrap();
+
+    // Rollback refuses: it names the file and says what the pending edit would move.
+    let (code, v) = p.admin("POST", "/routes/rollback", Some(json!({}))).await;
+    assert_eq!(code, 409, "{v}");
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("rollback refused"), "{msg}");
+    assert!(msg.contains("routes.toml"), "{msg}");
+    assert!(msg.contains("would move 1 mailbox"), "{msg}");
+    assert!(msg.contains("alice@example.com"), "{msg}");
+    assert!(
+        msg.contains("coexist reload") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert_eq!(v["pending"]["diff"]["moved_total"], 1, "{v}");
+    assert_eq!(std::fs::read_to_string(p.routes_path()).unwrap(), edited);
+    // A cutover refuses too: the paris move would otherwise ride along as "berlin".
+    let (code, v) = p
+        .admin(
+            "POST",
+            "/routes/cutover",
+            Some(json!({"site": "berlin", "to": "old"})),
+        )
+        .await;
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("cutover site berlin -> old refused")
+    );
+    let (_, s) = p.admin("GET", "/status", None).await;
+    assert!(s["version"].as_str().unwrap().starts_with("2-"), "{s}");
+    assert_eq!(std::fs::read_to_string(p.routes_path()).unwrap(), edited);
+
+    // Forced: the edit is kept in the state directory first, its path reported.
+    let (code, v) = p
+        .admin("POST", "/routes/rollback?force=1", Some(json!({})))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert!(v["to"].as_str().unwrap().starts_with("1-"), "{v}");
+    let kept = v["kept"].as_array().unwrap();
+    assert_eq!(kept.len(), 1, "{v}");
+    assert!(kept[0]["file"].as_str().unwrap().ends_with("routes.toml"));
+    let kept_at = kept[0]["kept_at"].as_str().unwrap();
+    assert!(kept_at.contains("set-aside"), "{kept_at}");
+    assert_eq!(std::fs::read_to_string(kept_at).unwrap(), edited);
+    // The rollback restored exactly the first version's file, without the edit.
+    assert_eq!(
+        std::fs::read_to_string(p.routes_path()).unwrap(),
+        support::ROUTES
+    );
+    // The pending move never became live under the rollback's name.
+    let (_, l) = p
+        .admin("GET", "/lookup?address=alice%40example.com", None)
+        .await;
+    assert_eq!(l["owner"], "new", "{l}");
+}
+
+#[tokio::test]
+async fn a_forced_cutover_is_made_to_the_active_files_and_keeps_the_edit() {
+    let (_old, _new, p) = setup().await;
+    let edited = support::ROUTES.replace(
+        "[sites.paris]\nowner = \"new\"",
+        "[sites.paris]\nowner = \"old\"",
+    );
+    std::fs::write(p.routes_path(), &edited).unwrap();
+    let (code, v) = p
+        .admin(
+            "POST",
+            "/routes/cutover?force=1",
+            Some(json!({"site": "berlin", "to": "new"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["diff"]["moved_total"], 2,
+        "only berlin's two mailboxes: {v}"
+    );
+    let kept_at = v["kept"][0]["kept_at"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(kept_at).unwrap(), edited);
+    assert_eq!(
+        std::fs::read_to_string(p.routes_path()).unwrap(),
+        support::ROUTES.replace(
+            "[sites.berlin]\nowner = \"old\"",
+            "[sites.berlin]\nowner = \"new\""
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_cutover_that_changes_nothing_creates_no_version() {
+    let (_old, _new, p) = setup().await;
+    let (code, v) = p
+        .admin(
+            "POST",
+            "/routes/cutover",
+            Some(json!({"site": "berlin", "to": "new"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    let before = history_versions(&p).await;
+    let file = std::fs::read_to_string(p.routes_path()).unwrap();
+    // paris is already on new; so is berlin now; alice already routes to new.
+    for body in [
+        json!({"site": "paris", "to": "new"}),
+        json!({"site": "berlin", "to": "new"}),
+    ] {
+        let (code, v) = p.admin("POST", "/routes/cutover", Some(body)).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["changed"], false, "{v}");
+        assert_eq!(v["applied"], false, "{v}");
+        assert_eq!(v["from"], v["to"], "{v}");
+    }
+    assert_eq!(history_versions(&p).await, before);
+    assert_eq!(std::fs::read_to_string(p.routes_path()).unwrap(), file);
+    // A reload of unchanged files is nothing to change too.
+    let (code, v) = p.admin("POST", "/routes/reload", None).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["changed"], false, "{v}");
+    assert_eq!(history_versions(&p).await, before);
+    // So the next rollback undoes the real change.
+    let (code, v) = p.admin("POST", "/routes/rollback", Some(json!({}))).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["diff"]["moved_total"], 2, "{v}");
+    assert!(v["to"].as_str().unwrap().starts_with("1-"), "{v}");
+}
