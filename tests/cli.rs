@@ -60,8 +60,13 @@ fn check_prints_every_error_and_fails() {
         err.contains(&format!("{r}:5: unknown target \"nowhere\"")),
         "{err}"
     );
+    // paris exists (its owner is what is wrong): its mailbox is not "unknown site", and
+    // the alias bob claims from it is found in the same run.
+    assert!(!err.contains("unknown site \"paris\""), "{err}");
     assert!(
-        err.contains(&format!("{r}:9: unknown site \"paris\"")),
+        err.contains(&format!(
+            "{r}:12: alias \"alice@example.com\" is already claimed by mailbox alice@example.com"
+        )),
         "{err}"
     );
     assert!(
@@ -238,5 +243,93 @@ fn demo_routes_its_tour_to_both_sides() {
     assert!(
         out.contains("→ 250 2.0.0 Message accepted for delivery"),
         "{out}"
+    );
+}
+
+/// Writes the sample config beside `routes` (and any extra files) and runs `check`.
+fn check_routes(routes: &str, extra: &[(&str, &str)]) -> (Output, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = std::fs::read_to_string("config/coexist.toml").unwrap();
+    std::fs::write(dir.path().join("coexist.toml"), cfg).unwrap();
+    std::fs::write(dir.path().join("routes.toml"), routes).unwrap();
+    for (name, text) in extra {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let cfg_path = dir.path().join("coexist.toml");
+    let o = coexist(&["check", "-c", cfg_path.to_str().unwrap()]);
+    let err = stderr(&o).replace(&format!("{}/", dir.path().display()), "");
+    (o, err)
+}
+
+#[test]
+fn check_reports_each_independent_problem_once() {
+    let sample = std::fs::read_to_string("config/routes.toml").unwrap();
+    let csv = std::fs::read_to_string("config/mailboxes.csv").unwrap();
+    let with_csv = |routes: String| check_routes(&routes, &[("mailboxes.csv", &csv)]);
+
+    // A misspelt site owner is one error, not one more per mailbox of the site.
+    let (o, err) = with_csv(sample.replace(
+        "[sites.berlin]\nowner = \"old\"",
+        "[sites.berlin]\nowner = \"nwe\"",
+    ));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err.contains("routes.toml:26: unknown target \"nwe\""),
+        "expected the unknown owner at its line: {err}"
+    );
+    assert!(
+        !err.contains("unknown site"),
+        "no false unknown-site lines: {err}"
+    );
+    assert!(err.trim_end().ends_with("\n1 error"), "{err}");
+
+    // A domain whose target was removed is one error; its addresses are not "not routed".
+    let (_, err) = with_csv(sample.replace(
+        "[domains.\"example.org\"]\nunknown = \"reject\"",
+        "[domains.\"example.org\"]\nunknown = \"gone\"",
+    ));
+    assert!(err.contains("unknown target \"gone\""), "{err}");
+    assert!(!err.contains("not routed"), "{err}");
+    assert!(err.trim_end().ends_with("\n1 error"), "{err}");
+
+    // An unknown site does not hide an alias claimed twice in the same file.
+    let (_, err) = with_csv(sample.replace(
+        "site = \"lab\"",
+        "site = \"labx\"\naliases = [\"alice.smith@example.com\"]",
+    ));
+    assert!(err.contains("unknown site \"labx\""), "{err}");
+    assert!(
+        err.contains(
+            "alias \"alice.smith@example.com\" is already claimed by mailbox alice@example.com"
+        ),
+        "{err}"
+    );
+
+    // CSV lines count the `#TYPE` line and blank lines before the header and rows.
+    let (_, err) = check_routes(
+        &sample,
+        &[(
+            "mailboxes.csv",
+            "#TYPE Selected.Microsoft.Exchange.Data.Directory.Management.Mailbox\r\n\r\naddress,aliasez,site\r\n",
+        )],
+    );
+    assert!(
+        err.contains("mailboxes.csv:3: unknown column \"aliasez\""),
+        "the header is on line 3: {err}"
+    );
+    let (_, err) = check_routes(
+        &sample,
+        &[(
+            "mailboxes.csv",
+            "#TYPE x\n\naddress,site\n\nzed@example.com,nosuch\n#note\nyan@example.com,nosuch2\n",
+        )],
+    );
+    assert!(
+        err.contains("mailboxes.csv:5: unknown site \"nosuch\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("mailboxes.csv:7: unknown site \"nosuch2\""),
+        "{err}"
     );
 }

@@ -108,8 +108,12 @@ pub struct LineIndex {
 
 impl LineIndex {
     pub fn new(text: &str) -> Self {
+        Self::from_bytes(text.as_bytes())
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Self {
         let mut starts = vec![0];
-        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        starts.extend(memchr::memchr_iter(b'\n', bytes).map(|i| i + 1));
         Self { starts }
     }
 

@@ -306,7 +306,12 @@ fn import_csv(b: &mut TableBuilder, path: &Path, bytes: &[u8]) -> Result<(), csv
         b.error(file, 0, "empty CSV file (expected a header row)");
         return Ok(());
     }
-    let header_line = record.position().map_or(1, |p| p.line() as u32);
+    let lines = LineIndex::from_bytes(bytes);
+    let line_of = |r: &csv::StringRecord| {
+        r.position()
+            .map_or(0, |p| lines.line(row_start(bytes, p.byte() as usize)))
+    };
+    let header_line = line_of(&record);
     let mut columns = Vec::with_capacity(record.len());
     let mut bad_header = false;
     for h in &record {
@@ -354,7 +359,7 @@ fn import_csv(b: &mut TableBuilder, path: &Path, bytes: &[u8]) -> Result<(), csv
         col(Column::Logins),
     );
     while rdr.read_record(&mut record)? {
-        let line = record.position().map_or(0, |p| p.line() as u32);
+        let line = line_of(&record);
         if record.len() == 1 && record.get(0).is_some_and(str::is_empty) {
             continue; // blank line
         }
@@ -391,9 +396,33 @@ fn import_csv(b: &mut TableBuilder, path: &Path, bytes: &[u8]) -> Result<(), csv
     Ok(())
 }
 
+/// Where the CSV row that the reader placed at `pos` starts. The reader's position is
+/// where the previous row ended (and its own line count leaves out what it skipped), so
+/// the comment (`#TYPE …`) and blank lines in between are stepped over here.
+fn row_start(bytes: &[u8], mut pos: usize) -> usize {
+    while pos < bytes.len() {
+        let end = memchr::memchr(b'\n', &bytes[pos..]).map_or(bytes.len(), |i| pos + i);
+        let line = &bytes[pos..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if !line.is_empty() && !line.starts_with(b"#") {
+            break;
+        }
+        pos = end + 1;
+    }
+    pos
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_start_after_comments_and_blank_lines() {
+        let csv = b"#TYPE x\r\n\r\naddress,site\r\n\n#c\na,b\n";
+        assert_eq!(row_start(csv, 0), 11);
+        assert_eq!(row_start(csv, 25), 29);
+        assert_eq!(row_start(csv, csv.len()), csv.len());
+    }
 
     #[test]
     fn exchange_proxy_addresses_are_filtered() {

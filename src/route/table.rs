@@ -574,6 +574,11 @@ struct PendingKey {
     kind: KeyKind,
 }
 
+/// Stand-ins for a mailbox or site whose owner or site is invalid: entered so that every
+/// other problem is still found, never compiled (the builder has an error then).
+const NO_TARGET: TargetId = TargetId(u16::MAX);
+const NO_SITE: u32 = u32::MAX;
+
 /// Builds a [`RoutingTable`] from source records, collecting every problem.
 pub struct TableBuilder {
     files: Vec<Arc<Path>>,
@@ -739,10 +744,11 @@ impl TableBuilder {
         let unknown = if unknown.text == "reject" {
             Unknown::Reject
         } else {
-            match self.target(file, unknown) {
-                Some(t) => Unknown::Target(t),
-                None => return,
-            }
+            // A bad target is reported here once; the domain is still known, so its
+            // addresses are checked (and not all reported as "not routed"). The table
+            // cannot compile with the error, so the stand-in never routes.
+            self.target(file, unknown)
+                .map_or(Unknown::Reject, Unknown::Target)
         };
         if self.domain_index.contains_key(canon.as_bytes()) {
             self.error(
@@ -770,9 +776,10 @@ impl TableBuilder {
             );
             return;
         }
-        let Some(owner) = self.target(file, owner) else {
-            return;
-        };
+        // A bad owner is reported here once; the site is still known, so its mailboxes
+        // are checked (and not each reported as "unknown site"). The table cannot compile
+        // with the error, so the stand-in owner never routes.
+        let owner = self.target(file, owner).unwrap_or(NO_TARGET);
         if self.site_index.contains_key(name.text) {
             self.error(
                 file,
@@ -894,7 +901,6 @@ impl TableBuilder {
 
     /// Adds one mailbox; problems are recorded and the mailbox is skipped.
     pub fn add_mailbox(&mut self, file: u16, m: &MailboxSpec<'_>) {
-        let errors_before = self.diags.len();
         let arena_mark = self.arena.len();
         let spans_mark = self.spans.len();
         let primary = self.push_address(file, m.address, "address");
@@ -965,18 +971,16 @@ impl TableBuilder {
                 }
             },
         };
-        let (Some(primary), Some(site), Some((owner, overridden)), Some(guid)) =
-            (primary, site, owner, guid)
-        else {
+        let Some(primary) = primary else {
             self.arena.truncate(arena_mark);
             self.spans.truncate(spans_mark);
             return;
         };
-        if self.diags.len() != errors_before {
-            self.arena.truncate(arena_mark);
-            self.spans.truncate(spans_mark);
-            return;
-        }
+        // A mailbox with a problem is still entered with the keys that are valid, so
+        // that every other problem (an address or alias claimed twice) is reported in the
+        // same run. The table cannot compile with the problem, so stand-ins never route.
+        let (owner, overridden) = owner.unwrap_or((NO_TARGET, false));
+        let guid = guid.unwrap_or(0);
 
         let keys: Vec<Span> = std::iter::once(primary)
             .chain(self.spans[spans_mark..logins_mark].iter().copied())
@@ -991,7 +995,7 @@ impl TableBuilder {
             extra: spans_mark as u32,
             n_aliases,
             n_logins,
-            site,
+            site: site.unwrap_or(NO_SITE),
             owner,
             overridden,
         });
@@ -1000,7 +1004,9 @@ impl TableBuilder {
             line: m.address.line,
         });
         self.guids.push(guid);
-        self.sites[site as usize].mailboxes += 1;
+        if let Some(site) = site {
+            self.sites[site as usize].mailboxes += 1;
+        }
 
         let pending = |b: &Self, span: Span, kind| PendingKey {
             hash: b.hasher.hash_one(b.arena[span.range()].as_bytes()),
