@@ -40,6 +40,10 @@ pub enum AppError {
     },
 }
 
+/// How long `serve` lets open sessions finish after SIGTERM (the systemd unit's
+/// `TimeoutStopSec` must be longer).
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,

@@ -447,7 +447,7 @@ fn serve(config: &Path) -> Result<()> {
             }
         }
         tracing::info!("shutting down: no new connections, draining open sessions");
-        let left = running.shutdown(std::time::Duration::from_secs(30)).await;
+        let left = running.shutdown(coexist::app::DRAIN_DEADLINE).await;
         if left > 0 {
             tracing::warn!(
                 open = left,
