@@ -900,6 +900,16 @@ mod tests {
         }
     }
 
+    /// Commands without an `about`, depth first.
+    fn commands(cmd: &clap::Command, out: &mut Vec<String>) {
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                out.push(sub.get_name().to_string());
+            }
+            commands(sub, out);
+        }
+    }
+
     #[test]
     fn every_argument_and_command_has_help() {
         let mut cmd = Cli::command();
@@ -916,14 +926,6 @@ mod tests {
             "arguments without help text: {missing:?}"
         );
         assert!(args.len() > 30, "walked only {} arguments", args.len());
-        fn commands(cmd: &clap::Command, out: &mut Vec<String>) {
-            for sub in cmd.get_subcommands() {
-                if sub.get_about().is_none() {
-                    out.push(sub.get_name().to_string());
-                }
-                commands(sub, out);
-            }
-        }
         let mut no_about = Vec::new();
         commands(&cmd, &mut no_about);
         assert!(no_about.is_empty(), "commands without help: {no_about:?}");

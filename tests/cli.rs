@@ -322,6 +322,12 @@ fn no_test_binds_the_demos_fixed_ports() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path).unwrap();
+                // `coexist demo` without `-c` binds the sample ports.
+                assert!(
+                    !text.contains(".arg(\"demo\")") && !text.contains("[\"demo\"]"),
+                    "{} runs the demo on its fixed ports: give it `-c` with free ones",
+                    path.display()
+                );
                 assert!(
                     !text.contains(&format!("127.0.0.1:{port}\"")),
                     "{} binds the demo's port {port}",
