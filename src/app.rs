@@ -40,6 +40,10 @@ pub enum AppError {
     },
 }
 
+/// How long `serve` lets open sessions finish after SIGTERM (the systemd unit's
+/// `TimeoutStopSec` must be longer).
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,
@@ -53,21 +57,20 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
 }
 
+/// Binds `addr`, with the address actually bound (port 0 resolved).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AppError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
 impl Running {
-    /// Loads the table, binds every listener and starts serving.
+    /// Binds every listener, loads the table and starts serving.
     pub async fn start(config: Config) -> Result<Running, AppError> {
-        let control = Control::start(
-            &config.routes.path,
-            config.known_targets(),
-            config.routes.history,
-            &config.routes.state_dir,
-        )
-        .map_err(|e| match e {
-            ControlError::Rejected(d) => AppError::Routes(d),
-            other => AppError::Control(other),
-        })?;
-        let control = Arc::new(control);
-        let router = Arc::clone(control.router());
         let token = match &config.admin.token_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
@@ -94,12 +97,31 @@ impl Running {
             settings.final_timeout = t;
         }
         let backends = Arc::new(Backends::new(&config.targets, settings)?);
-        // Learn what every backend supports before the first EHLO is answered.
-        backends.probe_all().await;
         let tls = match &smtp.tls {
             Some(f) => Some(TlsAcceptor::from(tls::server_config(&f.cert, &f.key)?)),
             None => None,
         };
+        // Every port first: a proxy that cannot listen must leave no trace (no state or
+        // spool directory, no "start" in the history) and say so before anything else.
+        let mut bound = Vec::new();
+        for l in &smtp.listeners {
+            bound.push(bind(l.listen).await?);
+        }
+        let (admin_listener, admin_addr) = bind(config.admin.listen).await?;
+        let control = Control::start(
+            &config.routes.path,
+            config.known_targets(),
+            config.routes.history,
+            &config.routes.state_dir,
+        )
+        .map_err(|e| match e {
+            ControlError::Rejected(d) => AppError::Routes(d),
+            other => AppError::Control(other),
+        })?;
+        let control = Arc::new(control);
+        let router = Arc::clone(control.router());
+        // Learn what every backend supports before the first EHLO is answered.
+        backends.probe_all().await;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let limits = ConnLimits::new(
             smtp.limits.max_connections,
@@ -114,17 +136,7 @@ impl Running {
             shutdown_rx.clone(),
         ));
         let mut smtp_addrs = Vec::new();
-        for l in &smtp.listeners {
-            let listener = TcpListener::bind(l.listen)
-                .await
-                .map_err(|source| AppError::Bind {
-                    addr: l.listen,
-                    source,
-                })?;
-            let addr = listener.local_addr().map_err(|source| AppError::Bind {
-                addr: l.listen,
-                source,
-            })?;
+        for (l, (listener, addr)) in smtp.listeners.iter().zip(bound) {
             let ctx = Arc::new(SessionCtx {
                 hostname: smtp.hostname.clone(),
                 mode: l.mode,
@@ -171,18 +183,6 @@ impl Running {
                 }
             }
         });
-        let admin_listener = TcpListener::bind(config.admin.listen)
-            .await
-            .map_err(|source| AppError::Bind {
-                addr: config.admin.listen,
-                source,
-            })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| AppError::Bind {
-                addr: config.admin.listen,
-                source,
-            })?;
         let admin_ctx = Arc::new(AdminCtx {
             control: Arc::clone(&control),
             spool: Arc::clone(&spool),

@@ -18,6 +18,15 @@ use crate::route::Diagnostics;
 use crate::smtp::data::{DataScanner, Limits, Mode};
 use crate::smtp::io::{Conn, Line, LineIo};
 
+/// `println!` that keeps going when stdout is closed (`coexist demo | head`): a demo
+/// server printing a delivery must not panic in the middle of an SMTP session.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The sample files, built into the binary so `coexist demo` works from anywhere.
 const SAMPLE_CONFIG: &str = include_str!("../config/coexist.toml");
 const SAMPLE_ROUTES: &str = include_str!("../config/routes.toml");
@@ -72,6 +81,8 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
         None => sample_config(samples)?,
     };
     let routes_path = config.routes.path.clone();
+    // Absolute, so that the printed commands work from any directory.
+    let config_path = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
     for t in &config.targets {
         for addr in &t.smtp {
             let listener =
@@ -92,8 +103,8 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
         .iter()
         .find(|(m, _)| *m == ListenerMode::Relay)
         .map(|(_, a)| *a);
-    println!("coexist demo — the proxy and two demo mail servers are running on loopback.");
-    println!(
+    say!("coexist demo — the proxy and two demo mail servers are running on loopback.");
+    say!(
         "  routing table  {} (version {}, {} mailboxes)",
         routes_path.display(),
         table.version(),
@@ -101,38 +112,62 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
     );
     for t in &running.backends.targets {
         for s in &t.servers {
-            println!("  target {:<7} {} (demo mail server)", t.name, s.addr);
+            say!("  target {:<7} {} (demo mail server)", t.name, s.addr);
         }
     }
     for (mode, addr) in &running.smtp_addrs {
         let mode = format!("{mode:?}").to_lowercase();
-        println!("  SMTP {mode} listener on {addr}");
+        say!("  SMTP {mode} listener on {addr}");
     }
-    println!(
+    say!(
         "  status page    http://{}/ (admin API, /metrics)",
         running.admin_addr
     );
     drop(table);
     if let Some(relay) = relay {
-        println!("\nA short tour — three messages sent through the proxy:");
+        say!("\nA short tour — three messages sent through the proxy:");
         tour(relay).await;
-        println!("\nTry it yourself (swaks is in Debian's swaks package):");
+        say!("\nTry it yourself (swaks is in Debian's swaks package):");
         let r = format!("--server {relay} --from you@internet.example");
-        println!("  swaks {r} --to alice@example.com                  # site paris → NEW");
-        println!("  swaks {r} --to carol@example.com                  # site berlin → OLD");
-        println!("  swaks {r} --to bob@example.com                    # pilot user → NEW");
-        println!("  swaks {r} --to alice@example.com,dave@example.com # one copy to each side");
-        println!("  swaks {r} --to someone@gmail.com                  # 550 5.7.1 relaying denied");
-        let cfg = routes_path.with_file_name("coexist.toml");
-        let cfg = cfg.display();
-        println!("  coexist lookup -c {cfg} Alice.Smith@example.com 'EXAMPLE\\dave'");
-        println!("  coexist cutover berlin --to new -c {cfg}   # carol moves to NEW; try again");
-        println!("  coexist rollback -c {cfg}");
+        say!("  swaks {r} --to alice@example.com                  # site paris → NEW");
+        say!("  swaks {r} --to carol@example.com                  # site berlin → OLD");
+        say!("  swaks {r} --to bob@example.com                    # pilot user → NEW");
+        say!("  swaks {r} --to alice@example.com,dave@example.com # one copy to each side");
+        say!("  swaks {r} --to someone@gmail.com                  # 550 5.7.1 relaying denied");
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("coexist"));
+        for c in suggested_commands(&exe, &config_path) {
+            say!("  {c}");
+        }
     }
-    println!("\nDeliveries are printed below. Ctrl-C stops the demo.");
+    say!("\nDeliveries are printed below. Ctrl-C stops the demo.");
     wait_for_stop().await;
     running.shutdown(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// The `coexist` commands the demo suggests, runnable as printed: the binary by the path
+/// it runs from (after `cargo run` or `cargo build` it is not on PATH), with the demo's
+/// config.
+fn suggested_commands(exe: &Path, config: &Path) -> Vec<String> {
+    let (exe, cfg) = (shell_word(exe), shell_word(config));
+    vec![
+        format!("{exe} lookup -c {cfg} Alice.Smith@example.com 'EXAMPLE\\dave'"),
+        format!("{exe} cutover berlin --to new -c {cfg}   # carol moves to NEW; try again"),
+        format!("{exe} rollback -c {cfg}"),
+    ]
+}
+
+/// `path` as one word for a POSIX shell: as it is when it is plain, else single-quoted.
+fn shell_word(path: &Path) -> String {
+    let s = path.display().to_string();
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:@%,=".contains(&b));
+    if plain {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 async fn wait_for_stop() {
@@ -164,8 +199,8 @@ async fn tour(relay: SocketAddr) {
     ];
     for (subject, to) in sends {
         match send(relay, subject, to).await {
-            Ok(reply) => println!("  sent {subject:?} to {} → {reply}", to.join(", ")),
-            Err(e) => println!("  sending {subject:?} failed: {e}"),
+            Ok(reply) => say!("  sent {subject:?} to {} → {reply}", to.join(", ")),
+            Err(e) => say!("  sending {subject:?} failed: {e}"),
         }
         // Let the demo servers print their delivery line before the next send.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -300,7 +335,7 @@ async fn demo_session(stream: TcpStream, name: &str) -> std::io::Result<()> {
                 .take_while(|l| !l.is_empty())
                 .find_map(|l| l.strip_prefix("Subject: ").map(str::to_string))
                 .unwrap_or_default();
-            println!(
+            say!(
                 "  [{name} server] delivered from {from} to {} — {subject:?} ({} bytes)",
                 rcpts.join(" "),
                 body.len()
@@ -316,5 +351,40 @@ async fn demo_session(stream: TcpStream, name: &str) -> std::io::Result<()> {
             "502 5.5.1 not implemented\r\n".into()
         };
         io.write_now(reply.as_bytes(), t).await.map_err(err)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggested_commands_name_the_binary_and_config_by_path() {
+        let c = suggested_commands(
+            Path::new("/work/x/target/release/coexist"),
+            Path::new("/tmp/coexist-demo-1/coexist.toml"),
+        );
+        assert_eq!(
+            c[0],
+            "/work/x/target/release/coexist lookup -c /tmp/coexist-demo-1/coexist.toml \
+             Alice.Smith@example.com 'EXAMPLE\\dave'",
+            "the lookup command must start with the binary's own path"
+        );
+        assert!(
+            c[1].starts_with("/work/x/target/release/coexist cutover berlin --to new -c /tmp/"),
+            "{c:?}"
+        );
+        assert_eq!(
+            c[2],
+            "/work/x/target/release/coexist rollback -c /tmp/coexist-demo-1/coexist.toml"
+        );
+        let c = suggested_commands(
+            Path::new("/opt/my tools/coexist"),
+            Path::new("/it's/c.toml"),
+        );
+        assert!(
+            c[2] == "'/opt/my tools/coexist' rollback -c '/it'\\''s/c.toml'",
+            "paths with spaces or quotes must stay one shell word: {c:?}"
+        );
     }
 }

@@ -1,11 +1,12 @@
 //! The `coexist` command line. The only place `anyhow` is used.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use coexist::config::{Config, DEFAULT_CONFIG};
 use coexist::route::{Diagnostics, KnownTargets, LoadError, RoutingTable, TableDiff, load_routes};
 use serde_json::json;
@@ -21,34 +22,52 @@ struct Cli {
     command: Command,
 }
 
+/// `-c/--config`, the same for every command that reads the config.
+#[derive(Args)]
+struct ConfigArg {
+    /// The config file (coexist.toml); paths in it are relative to its directory, the
+    /// default is relative to the current directory.
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+}
+
+/// `--json`, the same for every command that has a machine-readable form.
+#[derive(Args)]
+struct JsonArg {
+    /// Print JSON instead of text (for scripts).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy until SIGTERM/SIGINT; SIGHUP reloads the routing table.
     Serve {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run the proxy with built-in demo OLD and NEW mail servers and the sample tables.
     Demo {
         /// Use this config instead of the built-in samples (its targets' SMTP addresses
         /// become demo servers).
-        #[arg(short, long)]
+        #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Validate the config and routing table; print a summary.
     Check {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Print mailbox, site, owner target and table version for each address, GUID or login.
     Lookup {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
-        #[arg(required = true)]
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
+        /// Addresses, `<guid>@domain` or bare GUIDs, or logins (`DOMAIN\user`, UPN).
+        #[arg(required = true, value_name = "ADDRESS")]
         addresses: Vec<String>,
     },
     /// Move a site (or one mailbox, with --mailbox) to a target on the running proxy.
@@ -57,10 +76,10 @@ enum Command {
         #[arg(required_unless_present = "mailbox", conflicts_with = "mailbox")]
         site: Option<String>,
         /// Move one mailbox (a pilot user) instead of a site.
-        #[arg(long)]
+        #[arg(long, value_name = "ADDRESS")]
         mailbox: Option<String>,
         /// The target that owns it from now on.
-        #[arg(long)]
+        #[arg(long, value_name = "TARGET")]
         to: String,
         /// Show what would move without changing anything.
         #[arg(long)]
@@ -70,46 +89,51 @@ enum Command {
         /// the change is made to the active version's files.
         #[arg(long)]
         force: bool,
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Return the running proxy and the table source to the previous (or named) version.
     Rollback {
-        #[arg(long)]
+        /// The version to return to (default: the one active before the current one).
+        #[arg(long, value_name = "VERSION")]
         to: Option<String>,
         /// Proceed although the source files were edited by hand and not reloaded: the
         /// edited files are set aside in the state directory (their path is printed).
         #[arg(long)]
         force: bool,
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Re-read the routing table source on the running proxy.
     Reload {
+        /// Validate and show what would change without applying it.
         #[arg(long)]
         dry_run: bool,
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// The running proxy: active version, sites and owners, backend health.
     Status {
-        #[arg(short, long, default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// The spool: split deliveries that a target has not taken yet.
     Queue {
         #[command(subcommand)]
         command: QueueCommand,
-        #[arg(short, long, default_value = DEFAULT_CONFIG, global = true)]
+        /// The config file (coexist.toml); paths in it are relative to its directory, the
+        /// default is relative to the current directory.
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG, global = true)]
         config: PathBuf,
+        /// Print JSON instead of text (for scripts).
         #[arg(long, global = true)]
         json: bool,
     },
@@ -118,6 +142,24 @@ enum Command {
         #[command(subcommand)]
         command: RoutesCommand,
     },
+    /// Print a shell completion script to stdout.
+    #[command(after_help = "Install, e.g.:\n  \
+        coexist completions bash > /etc/bash_completion.d/coexist\n  \
+        coexist completions zsh > /usr/local/share/zsh/site-functions/_coexist\n  \
+        coexist completions fish > ~/.config/fish/completions/coexist.fish")]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout, or write one page per command with --out.
+    #[command(after_help = "Read it with `coexist man | man -l -`.")]
+    Man {
+        /// Write coexist.1 and a coexist-COMMAND.1 page for every command into this
+        /// directory instead.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -125,11 +167,20 @@ enum QueueCommand {
     /// Every spooled message: id, age, sender, recipients left, last error.
     List,
     /// One spooled message in full.
-    Show { id: String },
+    Show {
+        /// The message's id, as `queue list` shows it.
+        id: String,
+    },
     /// Make one message (or all) due now.
-    Retry { id: Option<String> },
+    Retry {
+        /// The message's id (default: every spooled message).
+        id: Option<String>,
+    },
     /// Remove a message from the spool without delivering it.
-    Delete { id: String },
+    Delete {
+        /// The message's id, as `queue list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,16 +188,19 @@ enum RoutesCommand {
     /// What moves between two routing tables (routes.toml files).
     Diff {
         /// Validate target names against this config (default: accept any target name).
-        #[arg(short, long)]
+        #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// List every moved mailbox, not only the first --limit.
         #[arg(long)]
         all: bool,
-        #[arg(long, default_value_t = 20)]
+        /// How many moved mailboxes to list.
+        #[arg(long, value_name = "N", default_value_t = 20)]
         limit: usize,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        json: JsonArg,
+        /// The routing table as it is (routes.toml).
         old: PathBuf,
+        /// The routing table as it would be.
         new: PathBuf,
     },
 }
@@ -162,6 +216,56 @@ impl std::fmt::Display for Reported {
 }
 
 impl std::error::Error for Reported {}
+
+/// Whoever reads our stdout has gone (`coexist status | head -1`): nothing more to say.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// A failed write to stdout. Rust ignores SIGPIPE, so `println!` would panic on a closed
+/// pipe; every line goes through [`outln!`] and a closed pipe ends the command quietly.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        StdoutClosed.into()
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// `println!` that returns a closed pipe as an error instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// `print!` that returns a closed pipe as an error instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// The error and each cause not already part of its message. Library errors carry their
+/// cause in their own text (so a log line is complete) and also as `source()`: printing
+/// the whole chain would say "Address already in use" twice.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            let _ = write!(text, ": {c}");
+        }
+    }
+    text
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -186,13 +290,28 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
-    let result = match cli.command {
-        Command::Serve { config } => serve(&config),
+    let result = run(cli.command).and_then(|()| std::io::stdout().flush().map_err(stdout_error));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // Like `cat` or `grep` in a pipeline whose reader stopped early, but without the
+        // SIGPIPE status: the output that was wanted has been read.
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
+        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "coexist: {}", error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { config } => serve(&config.config),
         Command::Demo { config } => runtime().and_then(|rt| {
             rt.block_on(coexist::demo::run(config.as_deref()))
                 .map_err(anyhow::Error::from)
         }),
-        Command::Check { config, json } => check(&config, json),
+        Command::Check { config, json } => check(&config.config, json.json),
         Command::Cutover {
             site,
             mailbox,
@@ -208,7 +327,12 @@ fn main() -> ExitCode {
                 (None, None) => unreachable!("clap requires one"),
             };
             let q = query(&[("dry_run", dry_run), ("force", force)]);
-            admin_change(&config, &format!("/routes/cutover{q}"), &body, json)
+            admin_change(
+                &config.config,
+                &format!("/routes/cutover{q}"),
+                &body,
+                json.json,
+            )
         }
         Command::Rollback {
             to,
@@ -218,7 +342,12 @@ fn main() -> ExitCode {
         } => {
             let body = to.map_or_else(|| json!({}), |v| json!({"version": v}));
             let q = query(&[("force", force)]);
-            admin_change(&config, &format!("/routes/rollback{q}"), &body, json)
+            admin_change(
+                &config.config,
+                &format!("/routes/rollback{q}"),
+                &body,
+                json.json,
+            )
         }
         Command::Reload {
             dry_run,
@@ -226,9 +355,14 @@ fn main() -> ExitCode {
             json,
         } => {
             let q = if dry_run { "?dry_run=1" } else { "" };
-            admin_change(&config, &format!("/routes/reload{q}"), &json!({}), json)
+            admin_change(
+                &config.config,
+                &format!("/routes/reload{q}"),
+                &json!({}),
+                json.json,
+            )
         }
-        Command::Status { config, json } => status(&config, json),
+        Command::Status { config, json } => status(&config.config, json.json),
         Command::Queue {
             command,
             config,
@@ -238,7 +372,7 @@ fn main() -> ExitCode {
             config,
             json,
             addresses,
-        } => lookup(&config, json, &addresses),
+        } => lookup(&config.config, json.json, &addresses),
         Command::Routes {
             command:
                 RoutesCommand::Diff {
@@ -249,16 +383,40 @@ fn main() -> ExitCode {
                     old,
                     new,
                 },
-        } => diff(config.as_deref(), &old, &new, (!all).then_some(limit), json),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<Reported>() => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("coexist: {e:#}");
-            ExitCode::FAILURE
+        } => diff(
+            config.as_deref(),
+            &old,
+            &new,
+            (!all).then_some(limit),
+            json.json,
+        ),
+        Command::Completions { shell } => {
+            // Generated into memory first: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "coexist", &mut script);
+            std::io::stdout().write_all(&script).map_err(stdout_error)
+        }
+        Command::Man { out } => man(out.as_deref()),
+    }
+}
+
+/// The manual: `coexist.1` to stdout, or every page into `dir`.
+fn man(dir: Option<&Path>) -> Result<()> {
+    let cmd = Cli::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("writing man pages to {}", dir.display()))?;
+            outln!("man pages written to {}", dir.display());
+        }
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut page)?;
+            std::io::stdout().write_all(&page).map_err(stdout_error)?;
         }
     }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -310,7 +468,7 @@ fn serve(config: &Path) -> Result<()> {
             }
         }
         tracing::info!("shutting down: no new connections, draining open sessions");
-        let left = running.shutdown(std::time::Duration::from_secs(30)).await;
+        let left = running.shutdown(coexist::app::DRAIN_DEADLINE).await;
         if left > 0 {
             tracing::warn!(
                 open = left,
@@ -319,6 +477,59 @@ fn serve(config: &Path) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Who runs this command, for the history's "by": `$USER`, else `$LOGNAME`, else the
+/// name of our uid. Cron jobs, `env -i`, `su` without `-` and many service managers leave
+/// `$USER` unset or stale, and "unknown" in the history of a cutover helps nobody.
+fn operator() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(v) = std::env::var(var)
+            && !v.is_empty()
+        {
+            return v;
+        }
+    }
+    // The real uid (the first of four on the line): `sudo` sets it to root's too.
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().next())
+                .map(str::to_string)
+        });
+    let Some(uid) = uid else {
+        return "unknown".into();
+    };
+    // Users only in LDAP/NSS are not in /etc/passwd: their uid still names them.
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| user_name(&p, &uid))
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+/// The name of `uid` in a passwd(5) file.
+fn user_name(passwd: &str, uid: &str) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        (f.nth(1)? == uid && !name.is_empty()).then(|| name.to_string())
+    })
+}
+
+/// This host's name: `$HOSTNAME` is a shell variable that is rarely exported.
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The running proxy's admin API, as its config names it.
@@ -346,11 +557,7 @@ impl AdminClient {
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let actor = format!(
-            "{}@{} (cli)",
-            std::env::var("USER").unwrap_or_else(|_| "unknown".into()),
-            std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into())
-        );
+        let actor = format!("{}@{} (cli)", operator(), hostname());
         let mut r = ureq::request(method, &format!("{}{path}", self.base))
             .timeout(std::time::Duration::from_secs(120))
             .set("X-Coexist-Actor", &actor);
@@ -376,7 +583,9 @@ impl AdminClient {
             Ok(r) => Ok(r.into_json()?),
             Err(ureq::Error::Status(code, r)) => {
                 let v: serde_json::Value = r.into_json().unwrap_or_default();
-                let mut msg = v["error"].as_str().unwrap_or("error").to_string();
+                // The status belongs to the headline: glued to the last line it would read
+                // as part of that `file:line: message`.
+                let mut msg = format!("{} (HTTP {code})", v["error"].as_str().unwrap_or("error"));
                 for e in v["errors"].as_array().into_iter().flatten() {
                     let _ = write!(
                         msg,
@@ -386,7 +595,7 @@ impl AdminClient {
                         e["message"].as_str().unwrap_or("")
                     );
                 }
-                Err(anyhow::anyhow!("{msg} (HTTP {code})"))
+                Err(anyhow::anyhow!(msg))
             }
             Err(e) => Err(anyhow::anyhow!(
                 "cannot reach the running proxy's admin API at {}: {e}",
@@ -414,18 +623,18 @@ fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool)
     let client = AdminClient::from_config(config)?;
     let v = client.call("POST", path, Some(body))?;
     if json {
-        println!("{v:#}");
+        outln!("{v:#}");
         return Ok(());
     }
     for k in v["kept"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{} was edited by hand and not reloaded: kept as {}",
             k["file"].as_str().unwrap_or("?"),
             k["kept_at"].as_str().unwrap_or("?")
         );
     }
     if v["changed"] == false {
-        println!(
+        outln!(
             "{}: nothing to change, version {} stays active",
             v["what"].as_str().unwrap_or("change"),
             v["from"].as_str().unwrap_or("?"),
@@ -433,7 +642,7 @@ fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool)
         return Ok(());
     }
     let applied = v["applied"].as_bool().unwrap_or(false);
-    println!(
+    outln!(
         "{}: {} {} -> {}",
         v["what"].as_str().unwrap_or("change"),
         if applied {
@@ -446,7 +655,7 @@ fn admin_change(config: &Path, path: &str, body: &serde_json::Value, json: bool)
     );
     let diff: TableDiff =
         serde_json::from_value(v["diff"].clone()).context("reading the diff from the admin API")?;
-    print!("{diff}");
+    out!("{diff}");
     Ok(())
 }
 
@@ -465,12 +674,12 @@ fn queue(config: &Path, command: &QueueCommand, json: bool) -> Result<()> {
         }
     };
     if json || !matches!(command, QueueCommand::List) {
-        println!("{v:#}");
+        outln!("{v:#}");
         return Ok(());
     }
     let msgs = v["messages"].as_array().cloned().unwrap_or_default();
     if msgs.is_empty() {
-        println!("the spool is empty");
+        outln!("the spool is empty");
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -482,7 +691,7 @@ fn queue(config: &Path, command: &QueueCommand, json: bool) -> Result<()> {
             .flatten()
             .filter_map(|r| r["address"].as_str())
             .collect();
-        println!(
+        outln!(
             "{}  age {}s  attempts {}  from <{}>  to {}  last error: {}",
             m["id"].as_str().unwrap_or("?"),
             now.saturating_sub(m["created"].as_u64().unwrap_or(now)),
@@ -499,28 +708,28 @@ fn status(config: &Path, json: bool) -> Result<()> {
     let client = AdminClient::from_config(config)?;
     let v = client.call("GET", "/status", None)?;
     if json {
-        println!("{v:#}");
+        outln!("{v:#}");
         return Ok(());
     }
-    println!(
+    outln!(
         "active version {} ({} mailboxes, from {})",
         v["version"].as_str().unwrap_or("?"),
         v["mailboxes"],
         v["source"].as_str().unwrap_or("?")
     );
-    println!("sites:");
+    outln!("sites:");
     for s in v["sites"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "  {:<24} owner {:<10} {} mailboxes",
             s["name"].as_str().unwrap_or("?"),
             s["owner"].as_str().unwrap_or("?"),
             s["mailboxes"]
         );
     }
-    println!("targets:");
+    outln!("targets:");
     for t in v["targets"].as_array().into_iter().flatten() {
         for s in t["smtp"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "  {:<10} smtp {:<28} {}",
                 t["name"].as_str().unwrap_or("?"),
                 s["server"].as_str().unwrap_or("?"),
@@ -536,14 +745,20 @@ fn status(config: &Path, json: bool) -> Result<()> {
 }
 
 fn report(d: &Diagnostics, json: bool) -> anyhow::Error {
+    // The command fails either way; a closed stdout or stderr only loses the details.
     if json {
-        println!(
+        let _ = writeln!(
+            std::io::stdout(),
             "{}",
             json!({ "ok": false, "errors": d.errors, "more_errors": d.more })
         );
     } else {
-        eprintln!("{d}");
-        eprintln!("{} error{}", d.len(), if d.len() == 1 { "" } else { "s" });
+        let _ = writeln!(
+            std::io::stderr(),
+            "{d}\n{} error{}",
+            d.len(),
+            if d.len() == 1 { "" } else { "s" }
+        );
     }
     Reported.into()
 }
@@ -582,22 +797,22 @@ fn check(config: &Path, json: bool) -> Result<()> {
             "guids": guids,
             "owner_overrides": overridden,
         });
-        println!("{out:#}");
+        outln!("{out:#}");
         return Ok(());
     }
-    println!("config {}: ok", cfg.path.display());
-    println!(
+    outln!("config {}: ok", cfg.path.display());
+    outln!(
         "routes {}: ok, version {}",
         cfg.routes.path.display(),
         table.version()
     );
-    println!(
+    outln!(
         "targets: {}",
         table.target_names().collect::<Vec<_>>().join(", ")
     );
-    println!("domains:");
+    outln!("domains:");
     for d in table.domains() {
-        println!(
+        outln!(
             "  {:<24} unknown -> {}{}{}",
             d.name,
             d.unknown,
@@ -613,14 +828,16 @@ fn check(config: &Path, json: bool) -> Result<()> {
             }
         );
     }
-    println!("sites:");
+    outln!("sites:");
     for s in table.sites() {
-        println!(
+        outln!(
             "  {:<24} owner {:<10} {} mailboxes",
-            s.name, s.owner, s.mailboxes
+            s.name,
+            s.owner,
+            s.mailboxes
         );
     }
-    println!(
+    outln!(
         "mailboxes: {} ({aliases} aliases, {logins} logins, {guids} GUIDs, {overridden} with their own owner)",
         table.mailbox_count()
     );
@@ -633,11 +850,21 @@ fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
         .iter()
         .map(|a| coexist::route::explain(&table, a))
         .collect();
+    // A typo must not read as "not ours": the answer is printed, and the exit status says
+    // that some query was no address at all.
+    let invalid = results.iter().any(|r| r["result"] == "invalid");
+    let done = || {
+        if invalid {
+            Err(Reported.into())
+        } else {
+            Ok(())
+        }
+    };
     if json {
-        println!("{:#}", serde_json::Value::Array(results));
-        return Ok(());
+        outln!("{:#}", serde_json::Value::Array(results));
+        return done();
     }
-    for r in results {
+    for r in &results {
         let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
         let line = match s("result").as_str() {
             "mailbox" => format!(
@@ -668,15 +895,16 @@ fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
                 s("query"),
                 s("version")
             ),
+            "invalid" => format!("{}: invalid address: {}", s("query"), s("reason")),
             _ => format!(
                 "{}: not ours (no routed domain; relay denied), version {}",
                 s("query"),
                 s("version")
             ),
         };
-        println!("{line}");
+        outln!("{line}");
     }
-    Ok(())
+    done()
 }
 
 fn diff(
@@ -701,9 +929,78 @@ fn diff(
     let b = load(new)?;
     let d = TableDiff::between(&a, &b, limit);
     if json {
-        println!("{}", serde_json::to_string_pretty(&d)?);
+        outln!("{}", serde_json::to_string_pretty(&d)?);
     } else {
-        print!("{d}");
+        out!("{d}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command, with the command's name, depth first.
+    fn all_args(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Arg)>) {
+        for a in cmd.get_arguments() {
+            out.push((path.to_string(), a.clone()));
+        }
+        for sub in cmd.get_subcommands() {
+            all_args(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    /// Commands without an `about`, depth first.
+    fn commands(cmd: &clap::Command, out: &mut Vec<String>) {
+        for sub in cmd.get_subcommands() {
+            if sub.get_about().is_none() {
+                out.push(sub.get_name().to_string());
+            }
+            commands(sub, out);
+        }
+    }
+
+    #[test]
+    fn every_argument_and_command_has_help() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut args = Vec::new();
+        all_args(&cmd, "coexist", &mut args);
+        let missing: Vec<String> = args
+            .iter()
+            .filter(|(_, a)| a.get_help().is_none_or(|h| h.to_string().trim().is_empty()))
+            .map(|(path, a)| format!("{path} {}", a.get_id()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "arguments without help text: {missing:?}"
+        );
+        assert!(args.len() > 30, "walked only {} arguments", args.len());
+        let mut no_about = Vec::new();
+        commands(&cmd, &mut no_about);
+        assert!(no_about.is_empty(), "commands without help: {no_about:?}");
+    }
+
+    #[test]
+    fn the_operator_is_named_by_passwd_when_the_environment_does_not() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      broken\n\
+                      ops:x:1000:1000:Ops,,,:/home/ops:/bin/bash\n";
+        assert_eq!(user_name(passwd, "1000").as_deref(), Some("ops"));
+        assert_eq!(user_name(passwd, "0").as_deref(), Some("root"));
+        assert_eq!(user_name(passwd, "4242"), None);
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let e = anyhow::Error::new(coexist::app::AppError::Bind {
+            addr: "127.0.0.1:25".parse().unwrap(),
+            source: io,
+        });
+        let text = error_text(&e);
+        assert_eq!(text.matches("address in use").count(), 1, "{text}");
+        let e = anyhow::anyhow!("inner cause").context("outer step");
+        assert_eq!(error_text(&e), "outer step: inner cause");
+    }
 }

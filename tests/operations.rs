@@ -611,3 +611,121 @@ async fn a_cutover_that_changes_nothing_creates_no_version() {
     assert_eq!(v["diff"]["moved_total"], 2, "{v}");
     assert!(v["to"].as_str().unwrap().starts_with("1-"), "{v}");
 }
+
+/// A config for the `coexist` binary that names `p`'s admin API (the proxy's own config
+/// says port 0).
+fn cli_config(p: &Proxy) -> std::path::PathBuf {
+    let own = std::fs::read_to_string(p.dir.path().join("coexist.toml")).unwrap();
+    let cli = own.replacen(
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+        &format!("[admin]\nlisten = \"{}\"", p.running.admin_addr),
+        1,
+    );
+    assert_ne!(
+        own, cli,
+        "the proxy's config has no [admin] listen to point at"
+    );
+    let path = p.dir.path().join("cli.toml");
+    std::fs::write(&path, cli).unwrap();
+    path
+}
+
+/// Runs the binary without blocking the proxy's runtime; `unset` names variables removed
+/// from its environment.
+async fn coexist_cli(args: Vec<String>, unset: &[&'static str]) -> std::process::Output {
+    let unset = unset.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_coexist"));
+        c.args(&args);
+        for v in unset {
+            c.env_remove(v);
+        }
+        c.output().expect("run coexist")
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn history_names_the_operator_without_user_in_the_environment() {
+    let (_old, _new, p) = setup().await;
+    let cfg = cli_config(&p).display().to_string();
+    let o = coexist_cli(
+        ["cutover", "berlin", "--to", "new", "-c", &cfg]
+            .map(String::from)
+            .to_vec(),
+        &["USER", "LOGNAME"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let me = String::from_utf8_lossy(&id.stdout).trim().to_string();
+    assert!(!me.is_empty(), "id -un named nobody");
+    let (_, h) = p.admin("GET", "/routes/history", None).await;
+    // Newest first.
+    let last = h["versions"][0].clone();
+    assert_eq!(
+        last["what"].as_str().map(|w| w.contains("berlin")),
+        Some(true),
+        "{h}"
+    );
+    let by = last["by"].as_str().unwrap_or("");
+    assert!(
+        by.starts_with(&format!("{me}@")) && by.ends_with(" (cli)"),
+        "expected the cutover by {me}@… (cli), history says {by:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_reload_puts_the_http_status_on_the_headline() {
+    let (_old, _new, p) = setup().await;
+    let cfg = cli_config(&p).display().to_string();
+    let good = std::fs::read_to_string(p.routes_path()).unwrap();
+    std::fs::write(
+        p.routes_path(),
+        good.replace("site = \"berlin\"", "site = \"atlantis\""),
+    )
+    .unwrap();
+    let o = coexist_cli(["reload", "-c", &cfg].map(String::from).to_vec(), &[]).await;
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.first().is_some_and(
+            |l| l.starts_with("coexist: routing table rejected") && l.ends_with(" (HTTP 422)")
+        ),
+        "expected the status at the end of the first line:\n{err}"
+    );
+    let last = lines.last().copied().unwrap_or("");
+    assert!(
+        last.contains("unknown site \"atlantis\"") && !last.contains("HTTP"),
+        "the last `file:line: message` must stay as the table check says it:\n{err}"
+    );
+    assert_eq!(err.matches("HTTP").count(), 1, "{err}");
+}
+
+#[tokio::test]
+async fn status_into_a_closed_pipe_ends_quietly() {
+    let (_old, _new, p) = setup().await;
+    let cfg = cli_config(&p).display().to_string();
+    let o = tokio::task::spawn_blocking(move || {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        std::process::Command::new(env!("CARGO_BIN_EXE_coexist"))
+            .args(["status", "-c", &cfg])
+            .stdout(writer)
+            .output()
+            .expect("run coexist")
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "`coexist status | head -1` must end quietly: {err}"
+    );
+    assert_eq!(o.status.code(), Some(0), "{err}");
+}

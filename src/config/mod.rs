@@ -27,7 +27,7 @@ struct RawConfig {
     #[serde(default)]
     admin: Option<RawAdmin>,
     #[serde(default)]
-    smtp: Option<RawSmtp>,
+    smtp: Option<Spanned<RawSmtp>>,
     #[serde(default)]
     https: Option<toml::Value>,
     #[serde(default)]
@@ -126,8 +126,9 @@ struct RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTarget {
+    /// Spanned as a whole: an empty list is reported at its own line.
     #[serde(default)]
-    smtp: Vec<Spanned<String>>,
+    smtp: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     https: Vec<Spanned<String>>,
     #[serde(default)]
@@ -382,7 +383,17 @@ impl Config {
                 );
             }
             let t = t.get_ref();
-            for s in &t.smtp {
+            let smtp = t.smtp.as_ref().map_or(&[][..], |s| s.get_ref().as_slice());
+            if let Some(list) = &t.smtp
+                && list.get_ref().is_empty()
+            {
+                // Every recipient it owns would get 451 for as long as it serves.
+                err(
+                    line_of(list.span().start),
+                    format!("targets.{name}.smtp is empty: name at least one host:port"),
+                );
+            }
+            for s in smtp {
                 if let Err(m) = check_server(s.get_ref(), false) {
                     err(line_of(s.span().start), format!("targets.{name}.smtp: {m}"));
                 }
@@ -395,7 +406,7 @@ impl Config {
                     );
                 }
             }
-            if t.smtp.is_empty() && t.https.is_empty() {
+            if t.smtp.is_none() && t.https.is_empty() {
                 err(
                     line,
                     format!("target {name:?} has no smtp or https servers"),
@@ -435,7 +446,7 @@ impl Config {
                 smtp_tls,
                 xclient: t.xclient.unwrap_or(false),
                 proxy_protocol,
-                smtp: t.smtp.iter().map(|s| s.get_ref().clone()).collect(),
+                smtp: smtp.iter().map(|s| s.get_ref().clone()).collect(),
                 https: t.https.iter().map(|s| s.get_ref().clone()).collect(),
                 tls_verify: t.tls_verify.unwrap_or(true),
                 tls_ca: t.tls_ca.as_ref().map(|c| rel(c.get_ref())),
@@ -444,15 +455,28 @@ impl Config {
 
         // [smtp]
         let smtp = match &raw.smtp {
-            None => SmtpConfig {
-                hostname: "localhost".into(),
-                mixed_recipients: MixedRecipients::Fanout,
-                listeners: Vec::new(),
-                tls: None,
-                add_received: true,
-                limits: SmtpLimits::default(),
-            },
+            None => {
+                err(
+                    0,
+                    "no [[smtp.listener]] table: the proxy would listen on nothing".into(),
+                );
+                SmtpConfig {
+                    hostname: "localhost".into(),
+                    mixed_recipients: MixedRecipients::Fanout,
+                    listeners: Vec::new(),
+                    tls: None,
+                    add_received: true,
+                    limits: SmtpLimits::default(),
+                }
+            }
             Some(s) => {
+                if s.get_ref().listener.is_empty() {
+                    err(
+                        line_of(s.span().start),
+                        "[smtp] has no [[smtp.listener]]: the proxy would listen on nothing".into(),
+                    );
+                }
+                let s = s.get_ref();
                 let mixed = match s
                     .mixed_recipients
                     .as_ref()

@@ -3,6 +3,7 @@
 
 use serde_json::json;
 
+use super::normalize::{canonical_domain, check_local, split_address};
 use super::{MailboxRef, Route, RoutingTable};
 
 /// What one lookup found, for both output forms.
@@ -55,6 +56,13 @@ pub fn explain(table: &RoutingTable, input: &str) -> serde_json::Value {
             if let Some(m) = table.lookup_login(query) {
                 return mailbox(m, "login");
             }
+            // "not ours" or a domain default would send an operator looking in the wrong
+            // place: `a b@example.com` is no address in any domain.
+            if let Some(reason) = invalid(query) {
+                return json!({
+                    "query": input, "result": "invalid", "reason": reason, "version": version,
+                });
+            }
             match route {
                 Route::DomainDefault { domain, target } => json!({
                     "query": input, "result": "domain_default", "domain": domain,
@@ -66,5 +74,30 @@ pub fn explain(table: &RoutingTable, input: &str) -> serde_json::Value {
                 _ => json!({"query": input, "result": "not_ours", "version": version}),
             }
         }
+    }
+}
+
+/// Why `query` is not an address at all, or `None` when it is one.
+fn invalid(query: &str) -> Option<String> {
+    let check = || {
+        let (local, domain) = split_address(query)?;
+        check_local(local)?;
+        canonical_domain(domain).map(|_| ())
+    };
+    check().err().map(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invalid;
+
+    #[test]
+    fn what_is_no_address() {
+        assert_eq!(invalid("bad address").as_deref(), Some("missing '@'"));
+        assert!(invalid("a b@example.com").is_some());
+        assert!(invalid("a@exa mple.com").is_some());
+        assert!(invalid("a@").is_some());
+        assert_eq!(invalid("someone@gmail.com"), None);
+        assert_eq!(invalid("\"a b\"@example.com"), None);
     }
 }
