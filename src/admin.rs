@@ -49,6 +49,8 @@ pub struct AdminCtx {
     pub traffic: Arc<crate::traffic::Traffic>,
     pub backends: Arc<Backends>,
     pub token: Option<String>,
+    /// The read-only pages answer without the token (`[admin] public_status`).
+    pub public_status: bool,
     pub ready: AtomicBool,
     pub started: SystemTime,
 }
@@ -129,6 +131,12 @@ fn authorized(ctx: &AdminCtx, req: &Request<Incoming>) -> bool {
     let Some(token) = &ctx.token else {
         return true;
     };
+    if ctx.public_status
+        && req.method() == Method::GET
+        && matches!(req.uri().path(), "/" | "/status" | "/metrics")
+    {
+        return true;
+    }
     let Some(given) = req
         .headers()
         .get(AUTHORIZATION)

@@ -108,16 +108,24 @@ impl Running {
             bound.push(bind(l.listen).await?);
         }
         let (admin_listener, admin_addr) = bind(config.admin.listen).await?;
+        let to_control = |e| match e {
+            ControlError::Rejected(d) => AppError::Routes(d),
+            other => AppError::Control(other),
+        };
+        if let Some(seed) = &config.routes.seed {
+            for f in crate::control::seed_routes(&config.routes.path, seed, &config.known_targets())
+                .map_err(to_control)?
+            {
+                tracing::info!(file = %f.display(), seed = %seed.display(), "routing table created from its seed");
+            }
+        }
         let control = Control::start(
             &config.routes.path,
             config.known_targets(),
             config.routes.history,
             &config.routes.state_dir,
         )
-        .map_err(|e| match e {
-            ControlError::Rejected(d) => AppError::Routes(d),
-            other => AppError::Control(other),
-        })?;
+        .map_err(to_control)?;
         let control = Arc::new(control);
         let router = Arc::clone(control.router());
         // Learn what every backend supports before the first EHLO is answered.
@@ -189,6 +197,7 @@ impl Running {
             traffic,
             backends: Arc::clone(&backends),
             token,
+            public_status: config.admin.public_status,
             ready: std::sync::atomic::AtomicBool::new(false),
             started: std::time::SystemTime::now(),
         });

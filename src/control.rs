@@ -768,6 +768,45 @@ impl Control {
     }
 }
 
+/// Creates the routes file at `path` from `seed` (and the CSV files the seed imports,
+/// copied beside it under the same relative names) when `path` does not exist yet. The seed
+/// must compile: a broken one is rejected before anything is written. Returns the files
+/// written (none when `path` already exists).
+pub fn seed_routes(
+    path: &Path,
+    seed: &Path,
+    targets: &KnownTargets,
+) -> Result<Vec<PathBuf>, ControlError> {
+    if path.exists() {
+        return Ok(Vec::new());
+    }
+    let (_, sources) = compile_routes(seed, targets, &mut read_disk)
+        .map_err(|LoadError::Invalid(d)| ControlError::Rejected(d))?;
+    let seed_dir = seed.parent().unwrap_or(Path::new("."));
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut written = Vec::new();
+    // The routes file last: a crash half-way leaves no routes file, so the next start
+    // seeds again instead of serving a table whose imports are missing.
+    for f in sources.iter().skip(1).chain(sources.first()) {
+        let to = if f.path == seed {
+            path.to_path_buf()
+        } else {
+            match f.path.strip_prefix(seed_dir) {
+                Ok(rel) => dir.join(rel),
+                // An import outside the seed's directory is read where it is.
+                Err(_) => continue,
+            }
+        };
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        write_atomic(&to, &f.bytes)?;
+        written.push(to);
+    }
+    Ok(written)
+}
+
 /// Puts back files a failed change had written (`None`: the file did not exist).
 fn undo(written: &[(PathBuf, Option<Vec<u8>>)]) {
     for (path, before) in written.iter().rev() {
@@ -1041,6 +1080,52 @@ mod tests {
         assert_eq!(c.router().snapshot().version().seq, 3);
         assert_eq!(c.history(1)[0].what, "start");
         c.cutover(&berlin("new"), false, false, "test").unwrap();
+    }
+
+    #[test]
+    fn a_seed_is_copied_with_its_imports_once_and_only_when_it_compiles() {
+        let f = Fixture::new();
+        let etc = f.dir.path().join("etc");
+        std::fs::create_dir_all(etc.join("lists")).unwrap();
+        std::fs::write(
+            etc.join("routes.toml"),
+            format!("{ROUTES}\n[import]\ncsv = [\"lists/more.csv\"]\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("lists/more.csv"),
+            "address,site\ncarol@example.com,berlin\n",
+        )
+        .unwrap();
+        let targets = KnownTargets::Exactly(vec!["old".into(), "new".into()]);
+        let var = f.dir.path().join("var/lib/coexist/routes.toml");
+        let written = seed_routes(&var, &etc.join("routes.toml"), &targets).unwrap();
+        assert_eq!(written.len(), 2, "{written:?}");
+        let var_dir = var.parent().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(var_dir.join("lists/more.csv")).unwrap(),
+            "address,site\ncarol@example.com,berlin\n"
+        );
+        let c = Control::start(&var, targets.clone(), 10, &var_dir.join("state")).unwrap();
+        assert_eq!(owner(&c, "carol@example.com"), "old");
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
+        // The copy is the operator's now: a second start does not seed over it.
+        assert!(
+            seed_routes(&var, &etc.join("routes.toml"), &targets)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            std::fs::read_to_string(&var)
+                .unwrap()
+                .contains("owner = \"new\"")
+        );
+        // A seed that does not compile writes nothing.
+        std::fs::write(etc.join("routes.toml"), "[sites.x]\nowner = \"moon\"\n").unwrap();
+        let other = f.dir.path().join("other/routes.toml");
+        let e = seed_routes(&other, &etc.join("routes.toml"), &targets).unwrap_err();
+        assert!(matches!(e, ControlError::Rejected(_)), "{e}");
+        assert!(!other.exists());
     }
 
     #[test]

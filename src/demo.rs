@@ -5,7 +5,7 @@
 //! The demo servers are small SMTP sinks: they accept everything for any recipient, print one
 //! line per delivered message, and keep nothing.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,37 +50,92 @@ pub enum DemoError {
     App(#[from] AppError),
 }
 
+/// The sample config with the proxy's SMTP listeners and admin API on `ip` (the demo mail
+/// servers stay on loopback). Off loopback the admin API takes a token for every change,
+/// written to `admin.token` beside the config, while the status page, `/status` and
+/// `/metrics` stay open (`public_status`) so a browser on another host can watch.
+fn listen_on(ip: IpAddr, with_token: bool) -> Result<String, String> {
+    let mut doc: toml_edit::DocumentMut = SAMPLE_CONFIG.parse().map_err(|e| format!("{e}"))?;
+    let rehost = |v: &mut toml_edit::Item| {
+        let port = v
+            .as_str()
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .map(|a| a.port());
+        if let Some(port) = port {
+            *v = toml_edit::value(SocketAddr::new(ip, port).to_string());
+        }
+    };
+    if let Some(listeners) = doc["smtp"]["listener"].as_array_of_tables_mut() {
+        for l in listeners.iter_mut() {
+            rehost(&mut l["listen"]);
+        }
+    }
+    rehost(&mut doc["admin"]["listen"]);
+    if with_token {
+        doc["admin"]["token_file"] = toml_edit::value("admin.token");
+        doc["admin"]["public_status"] = toml_edit::value(true);
+    }
+    Ok(doc.to_string())
+}
+
+/// 128 random bits as hex, for the demo's admin token.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
 /// Writes the embedded samples to a fresh directory (removed when the demo ends) and
-/// loads them.
-fn sample_config(dir: &Path) -> Result<Config, DemoError> {
+/// loads them; `listen` puts the proxy's listeners on that address.
+fn sample_config(dir: &Path, listen: Option<IpAddr>) -> Result<Config, DemoError> {
     let dir = dir.to_path_buf();
     let write = |name: &str, text: &str| {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| DemoError::Write(p, e))
     };
     std::fs::create_dir_all(&dir).map_err(|e| DemoError::Write(dir.clone(), e))?;
-    write("coexist.toml", SAMPLE_CONFIG)?;
+    let config = match listen {
+        None => SAMPLE_CONFIG.to_string(),
+        Some(ip) => {
+            let with_token = !ip.is_loopback();
+            if with_token {
+                let t = random_token().map_err(|e| DemoError::Write(dir.join("admin.token"), e))?;
+                write("admin.token", &format!("{t}\n"))?;
+            }
+            listen_on(ip, with_token)
+                .map_err(|e| DemoError::Write(dir.join("coexist.toml"), std::io::Error::other(e)))?
+        }
+    };
+    write("coexist.toml", &config)?;
     write("routes.toml", SAMPLE_ROUTES)?;
     write("mailboxes.csv", SAMPLE_CSV)?;
     Config::load(&dir.join("coexist.toml")).map_err(DemoError::Config)
 }
 
-/// Runs the demo until Ctrl-C / SIGTERM. `config` overrides the embedded samples.
-pub async fn run(config: Option<&Path>) -> Result<(), DemoError> {
+/// Runs the demo until Ctrl-C / SIGTERM. `config` overrides the embedded samples; `listen`
+/// puts the samples' proxy listeners and admin API on that address (e.g. `0.0.0.0` in a
+/// container).
+pub async fn run(config: Option<&Path>, listen: Option<IpAddr>) -> Result<(), DemoError> {
     let samples = std::env::temp_dir().join(format!("coexist-demo-{}", std::process::id()));
-    let result = demo(config, &samples).await;
+    let result = demo(config, listen, &samples).await;
     if config.is_none() {
         let _ = std::fs::remove_dir_all(&samples);
     }
     result
 }
 
-async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
+async fn demo(
+    config: Option<&Path>,
+    listen: Option<IpAddr>,
+    samples: &Path,
+) -> Result<(), DemoError> {
     let config = match config {
         Some(p) => Config::load(p).map_err(DemoError::Config)?,
-        None => sample_config(samples)?,
+        None => sample_config(samples, listen)?,
     };
     let routes_path = config.routes.path.clone();
+    let token_file = config.admin.token_file.clone();
     // Absolute, so that the printed commands work from any directory.
     let config_path = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
     for t in &config.targets {
@@ -102,8 +157,8 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
         .smtp_addrs
         .iter()
         .find(|(m, _)| *m == ListenerMode::Relay)
-        .map(|(_, a)| *a);
-    say!("coexist demo — the proxy and two demo mail servers are running on loopback.");
+        .map(|(_, a)| crate::config::connectable(*a));
+    say!("coexist demo — the proxy and two demo mail servers are running.");
     say!(
         "  routing table  {} (version {}, {} mailboxes)",
         routes_path.display(),
@@ -121,8 +176,14 @@ async fn demo(config: Option<&Path>, samples: &Path) -> Result<(), DemoError> {
     }
     say!(
         "  status page    http://{}/ (admin API, /metrics)",
-        running.admin_addr
+        crate::config::connectable(running.admin_addr)
     );
+    if let Some(t) = &token_file {
+        say!(
+            "  admin token    {} (changes need it; the status page, /status and /metrics do not)",
+            t.display()
+        );
+    }
     drop(table);
     if let Some(relay) = relay {
         say!("\nA short tour — three messages sent through the proxy:");

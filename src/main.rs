@@ -52,6 +52,12 @@ enum Command {
         /// become demo servers).
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Put the proxy's SMTP listener and admin API (status page) on this address
+        /// instead of 127.0.0.1, e.g. 0.0.0.0 in a container; the demo mail servers stay
+        /// on loopback. Off loopback, changes through the admin API need the token the demo
+        /// writes beside its config.
+        #[arg(long, value_name = "IP", conflicts_with = "config")]
+        listen: Option<std::net::IpAddr>,
     },
     /// Validate the config and routing table; print a summary.
     Check {
@@ -124,6 +130,12 @@ enum Command {
         config: ConfigArg,
         #[command(flatten)]
         json: JsonArg,
+    },
+    /// Exit 0 if the running proxy is ready (its admin API's /readyz, at the address the
+    /// config names), 1 if not: for container health checks and scripts.
+    Health {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// The spool: split deliveries that a target has not taken yet.
     Queue {
@@ -307,8 +319,8 @@ fn main() -> ExitCode {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve { config } => serve(&config.config),
-        Command::Demo { config } => runtime().and_then(|rt| {
-            rt.block_on(coexist::demo::run(config.as_deref()))
+        Command::Demo { config, listen } => runtime().and_then(|rt| {
+            rt.block_on(coexist::demo::run(config.as_deref(), listen))
                 .map_err(anyhow::Error::from)
         }),
         Command::Check { config, json } => check(&config.config, json.json),
@@ -363,6 +375,7 @@ fn run(command: Command) -> Result<()> {
             )
         }
         Command::Status { config, json } => status(&config.config, json.json),
+        Command::Health { config } => health(&config.config),
         Command::Queue {
             command,
             config,
@@ -551,7 +564,7 @@ impl AdminClient {
             None => None,
         };
         Ok(Self {
-            base: format!("http://{}", cfg.admin.listen),
+            base: format!("http://{}", coexist::config::connectable(cfg.admin.listen)),
             token,
         })
     }
@@ -704,6 +717,28 @@ fn queue(config: &Path, command: &QueueCommand, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn health(config: &Path) -> Result<()> {
+    let client = AdminClient::from_config(config)?;
+    match client
+        .request("GET", "/readyz")
+        .timeout(std::time::Duration::from_secs(5))
+        .call()
+    {
+        Ok(_) => {
+            outln!("ready ({})", client.base);
+            Ok(())
+        }
+        Err(ureq::Error::Status(code, _)) => Err(anyhow::anyhow!(
+            "not ready: {}/readyz answered HTTP {code}",
+            client.base
+        )),
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot reach the running proxy's admin API at {}: {e}",
+            client.base
+        )),
+    }
+}
+
 fn status(config: &Path, json: bool) -> Result<()> {
     let client = AdminClient::from_config(config)?;
     let v = client.call("GET", "/status", None)?;
@@ -765,7 +800,7 @@ fn report(d: &Diagnostics, json: bool) -> anyhow::Error {
 
 fn load(config: &Path, json: bool) -> Result<(Config, RoutingTable)> {
     let cfg = Config::load(config).map_err(|d| report(&d, json))?;
-    let table = load_routes(&cfg.routes.path, &cfg.known_targets())
+    let table = load_routes(cfg.routes.source_path(), &cfg.known_targets())
         .map_err(|LoadError::Invalid(d)| report(&d, json))?;
     Ok((cfg, table))
 }
@@ -786,7 +821,7 @@ fn check(config: &Path, json: bool) -> Result<()> {
         let out = json!({
             "ok": true,
             "config": cfg.path.display().to_string(),
-            "routes": cfg.routes.path.display().to_string(),
+            "routes": cfg.routes.source_path().display().to_string(),
             "version": table.version(),
             "targets": table.target_names().collect::<Vec<_>>(),
             "domains": table.domains().collect::<Vec<_>>(),
@@ -803,9 +838,15 @@ fn check(config: &Path, json: bool) -> Result<()> {
     outln!("config {}: ok", cfg.path.display());
     outln!(
         "routes {}: ok, version {}",
-        cfg.routes.path.display(),
+        cfg.routes.source_path().display(),
         table.version()
     );
+    if cfg.routes.source_path() != cfg.routes.path {
+        outln!(
+            "  (the seed: `serve` copies it to {} on its first start)",
+            cfg.routes.path.display()
+        );
+    }
     outln!(
         "targets: {}",
         table.target_names().collect::<Vec<_>>().join(", ")

@@ -93,32 +93,19 @@ fn the_config_it_names_may_write_its_state_spool_and_routes() {
         .collect();
     let covered = |p: &Path| writable.iter().any(|w| p.starts_with(w));
 
-    // The sample config as the unit's install comment says to set it up: the lines marked
-    // for the unit uncommented, in a directory standing in for the unit's config directory.
-    let marker = "(config/coexist.service)";
-    let sample = std::fs::read_to_string("config/coexist.toml").unwrap();
-    assert!(
-        sample.contains(marker),
-        "the sample config has no lines for the unit"
-    );
-    let installed: String = sample
-        .lines()
-        .map(|l| {
-            if l.contains(marker) {
-                l.trim_start_matches("# ")
-            } else {
-                l
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    // The installed config as the unit's install comment lays it out: beside the seed table,
+    // in a directory standing in for the unit's config directory.
     let dir = tempfile::tempdir().unwrap();
     for f in ["routes.toml", "mailboxes.csv"] {
         std::fs::copy(Path::new("config").join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(dir.path().join("coexist.toml"), installed).unwrap();
+    std::fs::copy(
+        "config/installed/coexist.toml",
+        dir.path().join("coexist.toml"),
+    )
+    .unwrap();
     let cfg = coexist::config::Config::load(&dir.path().join("coexist.toml"))
-        .unwrap_or_else(|d| panic!("the installed sample config is invalid:\n{d}"));
+        .unwrap_or_else(|d| panic!("the installed config is invalid:\n{d}"));
     // Paths relative to the temporary directory are relative to the unit's config directory.
     let at_unit = |p: &Path| match p.strip_prefix(dir.path()) {
         Ok(rel) => config.parent().unwrap().join(rel),
@@ -127,6 +114,17 @@ fn the_config_it_names_may_write_its_state_spool_and_routes() {
     let state = at_unit(&cfg.routes.state_dir);
     let spool = at_unit(&cfg.spool.dir);
     let routes_dir = at_unit(cfg.routes.path.parent().unwrap());
+    let seed = at_unit(
+        cfg.routes
+            .seed
+            .as_deref()
+            .expect("the installed config has a seed"),
+    );
+    assert!(
+        !covered(&seed),
+        "the seed {} is read-only configuration",
+        seed.display()
+    );
     for (what, p) in [
         ("state_dir", &state),
         ("spool dir", &spool),

@@ -59,6 +59,8 @@ struct RawRoutes {
     #[serde(default)]
     path: Option<Spanned<String>>,
     #[serde(default)]
+    seed: Option<Spanned<String>>,
+    #[serde(default)]
     history: Option<Spanned<i64>>,
     #[serde(default)]
     state_dir: Option<String>,
@@ -70,6 +72,8 @@ struct RawAdmin {
     listen: Spanned<String>,
     #[serde(default)]
     token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    public_status: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,15 +162,47 @@ pub struct Config {
 pub struct RoutesConfig {
     /// The routes file, resolved against the config file's directory.
     pub path: PathBuf,
+    /// A routes file (with the CSV files it imports) copied to `path` when `path` does not
+    /// exist yet: a read-only config directory ships the first table, and cutover and
+    /// rollback write the copy in a writable one.
+    pub seed: Option<PathBuf>,
     pub history: usize,
     /// Where applied versions' source files are kept (default `state/` beside the config).
     pub state_dir: PathBuf,
+}
+
+/// Where a client on this host reaches a listener bound to `addr`: a wildcard address
+/// (`0.0.0.0`, `::`) is reached on loopback.
+pub fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
+impl RoutesConfig {
+    /// The file a read-only command (`check`, `lookup`) reads: the routes file, or its seed
+    /// while the routes file has not been created from it yet.
+    pub fn source_path(&self) -> &Path {
+        match &self.seed {
+            Some(seed) if !self.path.exists() => seed,
+            _ => &self.path,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token_file: Option<PathBuf>,
+    /// The status page, `/status` and `/metrics` answer without the token (changes,
+    /// lookups, history and the queue still need it).
+    pub public_status: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,6 +380,7 @@ impl Config {
             None => AdminConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 8025)),
                 token_file: None,
+                public_status: false,
             },
             Some(a) => {
                 let listen = parse_socket(&a.listen, &mut err, &line_of);
@@ -355,7 +392,11 @@ impl Config {
                             .into(),
                     );
                 }
-                AdminConfig { listen, token_file }
+                AdminConfig {
+                    listen,
+                    token_file,
+                    public_status: a.public_status,
+                }
             }
         };
 
@@ -620,6 +661,7 @@ impl Config {
             path: path.to_path_buf(),
             routes: RoutesConfig {
                 path: routes_path,
+                seed: raw.routes.seed.as_ref().map(|s| rel(s.get_ref())),
                 history,
                 state_dir: rel(raw.routes.state_dir.as_deref().unwrap_or("state")),
             },
