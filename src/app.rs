@@ -191,6 +191,7 @@ impl Running {
             token,
             ready: std::sync::atomic::AtomicBool::new(false),
             started: std::time::SystemTime::now(),
+            progress: std::sync::Mutex::default(),
         });
         tokio::spawn(admin::serve(
             admin_listener,

@@ -270,7 +270,7 @@ impl Control {
         }
         let swapped = self.router.swap(table);
         let diff = TableDiff::between(&swapped.previous, &swapped.active, Some(REPORT_LIMIT));
-        metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
+        metrics::counter!(crate::metric_names::ROUTE_SWAPS, "result" => "ok").increment(1);
         tracing::info!(old = %swapped.previous.version(), new = %swapped.active.version(), %what, %by, moved = diff.moved_total, "routing table swapped");
         self.state
             .record(&swapped.active, by, &what, diff.moved_total)?;
@@ -285,7 +285,8 @@ impl Control {
 
     fn rejected(&self, e: ControlError) -> ControlError {
         if let ControlError::Rejected(d) = &e {
-            metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
+            metrics::counter!(crate::metric_names::ROUTE_SWAPS, "result" => "rejected")
+                .increment(1);
             tracing::error!(active = %self.router.snapshot().version(), errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
         }
         e
@@ -419,7 +420,7 @@ impl Control {
         }
         let diff = TableDiff::between(&active, &swapped.active, Some(REPORT_LIMIT));
         let what = format!("rollback to {target}");
-        metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
+        metrics::counter!(crate::metric_names::ROUTE_SWAPS, "result" => "ok").increment(1);
         tracing::info!(old = %active.version(), new = %target, %by, moved = diff.moved_total, "routing table rolled back");
         self.state
             .record(&swapped.active, by, &what, diff.moved_total)?;
