@@ -542,11 +542,6 @@ pub fn esc(s: &str) -> String {
 /// Seconds between the page's own reloads (a meta refresh: the page has no script).
 const PAGE_REFRESH_SECS: u32 = 5;
 
-/// Bar colours per target, in the table's target order.
-const TARGET_COLORS: [&str; 6] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-];
-
 /// One site's split between the targets as a cell: counts with shares, and a stacked bar.
 fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
     let total: u64 = parts.iter().map(|(_, n)| n).sum();
@@ -557,7 +552,7 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
             h,
             "<span class=\"part\" data-{kind}=\"{t}\"><i style=\"background:{c}\"></i>{t} {n} ({pct}%)</span>",
             t = esc(target),
-            c = TARGET_COLORS[i % TARGET_COLORS.len()],
+            c = crate::traffic::color(i),
         );
     }
     h.push_str("<div class=\"bar\">");
@@ -568,7 +563,7 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
                 "<span title=\"{t}\" style=\"width:{w:.1}%;background:{c}\"></span>",
                 t = esc(target),
                 w = *n as f64 * 100.0 / total as f64,
-                c = TARGET_COLORS[i % TARGET_COLORS.len()],
+                c = crate::traffic::color(i),
             );
         }
     }
@@ -661,7 +656,7 @@ fn status_page(ctx: &AdminCtx) -> String {
     h.push_str(
         "<h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>",
     );
-    h.push_str(&ctx.traffic.svg());
+    h.push_str(&ctx.traffic.svg(&targets));
     h.push_str("<table><tr><th>target</th><th>site</th><th>recipients (30 min)</th></tr>");
     for ((target, site), n) in &per_site {
         let _ = write!(
