@@ -34,11 +34,18 @@ const MAX_BODY: usize = 64 * 1024;
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Histograms with fixed buckets (SPEC §7), not the exporter's default summaries:
+        // buckets aggregate across instances and keep memory fixed, since the upkeep task
+        // folds each sample into its bucket counts.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(crate::metric_names::LATENCY_BUCKETS)
+            .expect("LATENCY_BUCKETS is not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Another recorder may be installed already (tests, embedding); then /metrics
         // shows what this one sees, which is nothing, rather than failing.
         let _ = metrics::set_global_recorder(recorder);
+        crate::metric_names::describe();
         handle
     })
 }
@@ -53,6 +60,77 @@ pub struct AdminCtx {
     pub public_status: bool,
     pub ready: AtomicBool,
     pub started: SystemTime,
+    /// Migration progress of the active table, computed once per version (a walk over
+    /// every mailbox: a second for a million, too much for each page refresh).
+    pub progress: std::sync::Mutex<Option<Arc<Progress>>>,
+}
+
+/// Mailboxes pinned away from their site's owner listed on the page and in `/status` (the
+/// rest are counted): a long list helps nobody watching a cutover.
+pub const PINNED_LISTED: usize = 100;
+
+/// Per site, how many mailboxes each target owns, and the mailboxes whose owner is not
+/// their site's (pinned with `[owners]` or their own `owner`).
+pub struct Progress {
+    version: crate::route::Version,
+    /// site → target → mailboxes, every target of the table present (zeros included).
+    pub sites: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// (address, site, owner), at most [`PINNED_LISTED`], in table order.
+    pub pinned: Vec<(String, String, String)>,
+    pub pinned_total: usize,
+}
+
+impl Progress {
+    fn of(t: &crate::route::RoutingTable) -> Progress {
+        let zero: std::collections::BTreeMap<String, u64> =
+            t.target_names().map(|n| (n.to_string(), 0)).collect();
+        let mut sites: std::collections::BTreeMap<_, _> = t
+            .sites()
+            .map(|s| (s.name.to_string(), zero.clone()))
+            .collect();
+        let mut pinned = Vec::new();
+        let mut pinned_total = 0;
+        for m in t.mailboxes() {
+            let owner = m.owner_name();
+            if let Some(c) = sites.get_mut(m.site()).and_then(|by| by.get_mut(owner)) {
+                *c += 1;
+            }
+            if t.site_owner(m.site()).is_some_and(|o| o != owner) {
+                pinned_total += 1;
+                if pinned.len() < PINNED_LISTED {
+                    pinned.push((
+                        m.address().to_string(),
+                        m.site().to_string(),
+                        owner.to_string(),
+                    ));
+                }
+            }
+        }
+        Progress {
+            version: t.version(),
+            sites,
+            pinned,
+            pinned_total,
+        }
+    }
+}
+
+impl AdminCtx {
+    /// The active table's progress, from the cache when the version has not changed.
+    pub fn progress(&self, t: &crate::route::RoutingTable) -> Arc<Progress> {
+        let mut cache = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match cache.as_ref() {
+            Some(p) if p.version == t.version() => Arc::clone(p),
+            _ => {
+                let p = Arc::new(Progress::of(t));
+                *cache = Some(Arc::clone(&p));
+                p
+            }
+        }
+    }
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -334,14 +412,11 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
                 }
             }
         }
-        (&Method::GET, "/metrics") => {
-            publish_table_metrics(&ctx.control);
-            Ok(text_resp(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                prometheus().render(),
-            ))
-        }
+        (&Method::GET, "/metrics") => Ok(text_resp(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            render_metrics(&ctx.control),
+        )),
         (&Method::GET, "/") => Ok(text_resp(
             StatusCode::OK,
             "text/html; charset=utf-8",
@@ -365,12 +440,23 @@ fn report(r: Result<crate::control::ChangeReport, ControlError>) -> Resp {
     }
 }
 
-/// Gauges that describe the active table, refreshed when scraped.
-fn publish_table_metrics(control: &Control) {
+/// The Prometheus text: the recorder's metrics, with the table gauges refreshed, and the
+/// version info gauge written here from the active table. The recorder keeps every label set
+/// it was ever given, so a version gauge kept there would list every version since start;
+/// rendered here it is exactly one series, the active version.
+fn render_metrics(control: &Control) -> String {
     let t = control.router().snapshot();
-    metrics::gauge!("coexist_route_table_version_info", "version" => t.version().to_string())
-        .set(1.0);
-    metrics::gauge!("coexist_route_table_mailboxes").set(t.mailbox_count() as f64);
+    metrics::gauge!(crate::metric_names::ROUTE_TABLE_MAILBOXES).set(t.mailbox_count() as f64);
+    let mut out = prometheus().render();
+    let name = crate::metric_names::ROUTE_TABLE_VERSION_INFO;
+    // Versions are `SEQ-HASH` (digits, a dash, hex): nothing to escape in the label.
+    let _ = write!(
+        out,
+        "# HELP {name} {}\n# TYPE {name} gauge\n{name}{{version=\"{}\"}} 1\n",
+        crate::metric_names::ROUTE_TABLE_VERSION_INFO_HELP,
+        t.version()
+    );
+    out
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -379,6 +465,44 @@ fn unix(t: SystemTime) -> u64 {
 
 pub fn status_json(ctx: &AdminCtx) -> Value {
     let t = ctx.control.router().snapshot();
+    let progress = ctx.progress(&t);
+    let (per_target, per_site) = ctx.traffic.snapshot();
+    let sites: Vec<Value> = t
+        .sites()
+        .map(|s| {
+            let recipients: std::collections::BTreeMap<&str, u64> = t
+                .target_names()
+                .map(|tg| {
+                    let n = per_site
+                        .get(&(tg.to_string(), s.name.to_string()))
+                        .copied()
+                        .unwrap_or(0);
+                    (tg, n)
+                })
+                .collect();
+            json!({
+                "name": s.name,
+                "owner": s.owner,
+                "mailboxes": s.mailboxes,
+                "mailboxes_by_target": progress.sites.get(s.name),
+                "recipients_30m": recipients,
+            })
+        })
+        .collect();
+    let traffic: serde_json::Map<String, Value> = per_target
+        .iter()
+        .map(|(tg, series)| {
+            (
+                tg.clone(),
+                json!({ "recipients": series.iter().sum::<u64>(), "per_minute": series }),
+            )
+        })
+        .collect();
+    let pinned: Vec<Value> = progress
+        .pinned
+        .iter()
+        .map(|(a, site, owner)| json!({"address": a, "site": site, "owner": owner}))
+        .collect();
     let targets: Vec<Value> = ctx
         .backends
         .targets
@@ -397,7 +521,10 @@ pub fn status_json(ctx: &AdminCtx) -> Value {
         "source": t.source(),
         "mailboxes": t.mailbox_count(),
         "domains": t.domains().collect::<Vec<_>>(),
-        "sites": t.sites().collect::<Vec<_>>(),
+        "sites": sites,
+        "pinned": pinned,
+        "pinned_total": progress.pinned_total,
+        "traffic": { "window_minutes": crate::traffic::MINUTES, "targets": traffic },
         "targets": targets,
     })
 }
@@ -432,34 +559,124 @@ pub fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The human status page: rendered on the server, no script.
+/// Seconds between the page's own reloads (a meta refresh: the page has no script).
+const PAGE_REFRESH_SECS: u32 = 5;
+
+/// One site's split between the targets as a cell: counts with shares, and a stacked bar.
+fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
+    let total: u64 = parts.iter().map(|(_, n)| n).sum();
+    h.push_str("<td>");
+    for (i, (target, n)) in parts.iter().enumerate() {
+        let pct = (n * 100).checked_div(total).unwrap_or(0);
+        let _ = write!(
+            h,
+            "<span class=\"part\" data-{kind}=\"{t}\"><i style=\"background:{c}\"></i>{t} {n} ({pct}%)</span>",
+            t = esc(target),
+            c = crate::traffic::color(i),
+        );
+    }
+    h.push_str("<div class=\"bar\">");
+    for (i, (target, n)) in parts.iter().enumerate() {
+        if *n > 0 {
+            let _ = write!(
+                h,
+                "<span title=\"{t}\" style=\"width:{w:.1}%;background:{c}\"></span>",
+                t = esc(target),
+                w = *n as f64 * 100.0 / total as f64,
+                c = crate::traffic::color(i),
+            );
+        }
+    }
+    h.push_str("</div></td>");
+}
+
+/// The human status page: rendered on the server, no script; it reloads itself every few
+/// seconds so that an operator can leave it open during a cutover.
 fn status_page(ctx: &AdminCtx) -> String {
     let t = ctx.control.router().snapshot();
+    let progress = ctx.progress(&t);
+    let (_, per_site) = ctx.traffic.snapshot();
+    let targets: Vec<&str> = t.target_names().collect();
     let mut h = String::new();
     let _ = write!(
         h,
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>coexist {v}</title>\
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"{PAGE_REFRESH_SECS}\"><title>coexist {v}</title>\
          <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}\
-         .up{{color:#080}}.down{{color:#b00}}</style></head><body>\
-         <h1>coexist</h1><p>Active routing table <b id=\"version\">{v}</b> — {n} mailboxes, from {src}</p>",
+         td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left;vertical-align:top}}\
+         .up{{color:#080}}.down{{color:#b00}}\
+         .part{{margin-right:1em;white-space:nowrap}}\
+         .part i{{display:inline-block;width:.8em;height:.8em;margin-right:.3em}}\
+         .bar{{display:flex;width:16em;height:.6em;margin-top:4px;background:#eee}}\
+         </style></head><body>\
+         <h1>coexist</h1><p>Active routing table <b id=\"version\">{v}</b> — {n} mailboxes, from {src}. \
+         This page reloads every {PAGE_REFRESH_SECS} s.</p>",
         v = t.version(),
         n = t.mailbox_count(),
         src = esc(t.source()),
     );
-    h.push_str("<h2>Sites</h2><table><tr><th>site</th><th>owner</th><th>mailboxes</th></tr>");
+    h.push_str(
+        "<h2>Sites</h2><table id=\"sites\"><tr><th>site</th><th>owner</th><th>mailboxes</th>\
+         <th>mailboxes per target</th><th>recipients per target (30 min)</th></tr>",
+    );
     for s in t.sites() {
         let _ = write!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(s.name),
+            "<tr id=\"site-{id}\"><td>{id}</td><td>{}</td><td>{}</td>",
             esc(s.owner),
-            s.mailboxes
+            s.mailboxes,
+            id = esc(s.name),
         );
+        let by = progress.sites.get(s.name);
+        let mailboxes: Vec<(&str, u64)> = targets
+            .iter()
+            .map(|tg| (*tg, by.and_then(|b| b.get(*tg)).copied().unwrap_or(0)))
+            .collect();
+        split_cell(&mut h, "mailboxes", &mailboxes);
+        let recipients: Vec<(&str, u64)> = targets
+            .iter()
+            .map(|tg| {
+                let n = per_site
+                    .get(&((*tg).to_string(), s.name.to_string()))
+                    .copied()
+                    .unwrap_or(0);
+                (*tg, n)
+            })
+            .collect();
+        split_cell(&mut h, "recipients", &recipients);
+        h.push_str("</tr>");
     }
-    h.push_str("</table><h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>");
-    h.push_str(&ctx.traffic.svg());
-    let (_, per_site) = ctx.traffic.snapshot();
+    let _ = write!(
+        h,
+        "</table><h2>Pinned mailboxes</h2><p>Mailboxes whose owner is not their site's \
+         (pilot users, <code>coexist cutover --mailbox</code>): <b id=\"pinned-total\">{}</b>.</p>",
+        progress.pinned_total
+    );
+    if !progress.pinned.is_empty() {
+        h.push_str("<table id=\"pinned\"><tr><th>mailbox</th><th>site</th><th>site owner</th><th>owner</th></tr>");
+        for (address, site, owner) in &progress.pinned {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(address),
+                esc(site),
+                esc(t.site_owner(site).unwrap_or("?")),
+                esc(owner)
+            );
+        }
+        h.push_str("</table>");
+        if progress.pinned_total > progress.pinned.len() {
+            let _ = write!(
+                h,
+                "<p>… and {} more.</p>",
+                progress.pinned_total - progress.pinned.len()
+            );
+        }
+    }
+    h.push_str(
+        "<h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>",
+    );
+    h.push_str(&ctx.traffic.svg(&targets));
     h.push_str("<table><tr><th>target</th><th>site</th><th>recipients (30 min)</th></tr>");
     for ((target, site), n) in &per_site {
         let _ = write!(

@@ -168,8 +168,8 @@ impl Running {
             smtp_addrs.push((l.mode, addr));
         }
         // Histogram samples pile up in the recorder until they are folded into their
-        // summaries: without this, memory grows with every message between scrapes (the
-        // 30-minute soak showed it).
+        // bucket counts: without this, memory grows with every message between scrapes
+        // (the 30-minute soak showed it).
         let mut stop_upkeep = shutdown_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -200,6 +200,7 @@ impl Running {
             public_status: config.admin.public_status,
             ready: std::sync::atomic::AtomicBool::new(false),
             started: std::time::SystemTime::now(),
+            progress: std::sync::Mutex::default(),
         });
         tokio::spawn(admin::serve(
             admin_listener,

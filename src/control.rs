@@ -426,7 +426,7 @@ impl Control {
     }
 
     fn rejected(&self, LoadError::Invalid(d): LoadError) -> ControlError {
-        metrics::counter!("coexist_route_swaps_total", "result" => "rejected").increment(1);
+        metrics::counter!(crate::metric_names::ROUTE_SWAPS, "result" => "rejected").increment(1);
         tracing::error!(active = %self.router.snapshot().version(), errors = d.len(), "routing table rejected, active version keeps serving:\n{d}");
         ControlError::Rejected(d)
     }
@@ -543,7 +543,7 @@ impl Control {
         };
         debug_assert_eq!(swapped.active.version(), version);
         *active_files = ids;
-        metrics::counter!("coexist_route_swaps_total", "result" => "ok").increment(1);
+        metrics::counter!(crate::metric_names::ROUTE_SWAPS, "result" => "ok").increment(1);
         tracing::info!(old = %swapped.previous.version(), new = %swapped.active.version(), what = %p.what, %by, moved = p.diff.moved_total, "routing table swapped");
         Ok(ChangeReport {
             applied: true,

@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod listener;
+pub mod metric_names;
 pub mod route;
 pub mod smtp;
 pub mod spool;

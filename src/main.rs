@@ -752,13 +752,69 @@ fn status(config: &Path, json: bool) -> Result<()> {
         v["mailboxes"],
         v["source"].as_str().unwrap_or("?")
     );
-    outln!("sites:");
+    // "old 3 (75%), new 1 (25%)": one site's split between the targets.
+    let split = |m: &serde_json::Value| {
+        let Some(m) = m.as_object() else {
+            return String::from("-");
+        };
+        let total: u64 = m.values().filter_map(serde_json::Value::as_u64).sum();
+        m.iter()
+            .map(|(t, n)| {
+                let n = n.as_u64().unwrap_or(0);
+                let pct = (n * 100).checked_div(total).unwrap_or(0);
+                format!("{t} {n} ({pct}%)")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    outln!("sites (mailboxes per target; recipients per target, last 30 min):");
     for s in v["sites"].as_array().into_iter().flatten() {
         outln!(
             "  {:<24} owner {:<10} {} mailboxes",
             s["name"].as_str().unwrap_or("?"),
             s["owner"].as_str().unwrap_or("?"),
             s["mailboxes"]
+        );
+        outln!("    mailboxes   {}", split(&s["mailboxes_by_target"]));
+        outln!("    recipients  {}", split(&s["recipients_30m"]));
+    }
+    let pinned = v["pinned"].as_array().map_or(&[][..], Vec::as_slice);
+    outln!(
+        "pinned away from their site's owner: {}",
+        v["pinned_total"].as_u64().unwrap_or(0)
+    );
+    for m in pinned {
+        outln!(
+            "  {:<40} site {:<16} owner {}",
+            m["address"].as_str().unwrap_or("?"),
+            m["site"].as_str().unwrap_or("?"),
+            m["owner"].as_str().unwrap_or("?")
+        );
+    }
+    if let Some(more) = v["pinned_total"]
+        .as_u64()
+        .and_then(|n| n.checked_sub(pinned.len() as u64))
+        .filter(|&n| n > 0)
+    {
+        outln!("  … and {more} more");
+    }
+    outln!(
+        "traffic (accepted recipients per target, last {} min):",
+        v["traffic"]["window_minutes"].as_u64().unwrap_or(30)
+    );
+    let traffic = v["traffic"]["targets"].as_object();
+    if traffic.is_none_or(serde_json::Map::is_empty) {
+        outln!("  none");
+    }
+    for (t, x) in traffic.into_iter().flatten() {
+        let last = x["per_minute"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        outln!(
+            "  {t:<10} {:>8} recipients, {last} in the current minute",
+            x["recipients"].as_u64().unwrap_or(0)
         );
     }
     outln!("targets:");

@@ -207,7 +207,8 @@ impl Spool {
     }
 
     fn publish_gauge(&self) {
-        metrics::gauge!("coexist_spool_messages").set(self.queued.load(Ordering::Relaxed) as f64);
+        metrics::gauge!(crate::metric_names::SPOOL_MESSAGES)
+            .set(self.queued.load(Ordering::Relaxed) as f64);
     }
 
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -490,7 +491,8 @@ impl Spool {
         for r in unroutable {
             // The table no longer routes it: a permanent failure.
             tracing::error!(id = %e.id, rcpt = %r.address, "spooled recipient no longer routed");
-            metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+            metrics::counter!(crate::metric_names::SPOOL_RECIPIENTS, "result" => "failed")
+                .increment(1);
             bounced.push((
                 r,
                 "5.1.2 recipient is no longer routed by this proxy".into(),
@@ -507,7 +509,7 @@ impl Spool {
                         match reply {
                             Delivery::Done => {
                                 tracing::info!(id = %e.id, rcpt = %r.address, %target, "spooled recipient delivered");
-                                metrics::counter!("coexist_spool_recipients_total", "result" => "delivered").increment(1);
+                                metrics::counter!(crate::metric_names::SPOOL_RECIPIENTS, "result" => "delivered").increment(1);
                             }
                             Delivery::Later(why) => {
                                 errors.push(why);
@@ -515,7 +517,7 @@ impl Spool {
                             }
                             Delivery::Failed(why) => {
                                 tracing::error!(id = %e.id, rcpt = %r.address, %target, reply = %why, "spooled recipient refused for good");
-                                metrics::counter!("coexist_spool_recipients_total", "result" => "failed").increment(1);
+                                metrics::counter!(crate::metric_names::SPOOL_RECIPIENTS, "result" => "failed").increment(1);
                                 bounced.push((r, why));
                             }
                         }
@@ -532,7 +534,7 @@ impl Spool {
             && now().saturating_sub(e.created) > self.settings.max_age.as_secs();
         if expired {
             tracing::error!(id = %e.id, rcpts = remaining.len(), "spooled message expired");
-            metrics::counter!("coexist_spool_recipients_total", "result" => "expired")
+            metrics::counter!(crate::metric_names::SPOOL_RECIPIENTS, "result" => "expired")
                 .increment(remaining.len() as u64);
             let why = format!(
                 "4.4.7 delivery time expired; last error: {}",

@@ -9,6 +9,14 @@ use std::time::Instant;
 /// Minutes shown.
 pub const MINUTES: usize = 30;
 
+/// The colour of the `i`-th target on the status page (chart lines and bars alike).
+pub fn color(i: usize) -> &'static str {
+    const COLORS: [&str; 6] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
+    ];
+    COLORS[i % COLORS.len()]
+}
+
 /// Per target, recipients per minute, oldest first.
 pub type PerTarget = BTreeMap<String, Vec<u64>>;
 /// Per (target, site), recipients over the window.
@@ -104,17 +112,25 @@ impl Traffic {
         (per_target, per_site)
     }
 
-    /// A small line chart of recipients per minute per target, as inline SVG.
-    pub fn svg(&self) -> String {
+    /// A small line chart of recipients per minute per target, as inline SVG. `targets`
+    /// gives the order, and so the colours ([`color`]), that the rest of the page uses.
+    pub fn svg(&self, targets: &[&str]) -> String {
         const W: f64 = 600.0;
         const H: f64 = 160.0;
-        const COLORS: [&str; 6] = [
-            "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-        ];
-        let (per_target, _) = self.snapshot();
+        let (mut per_target, _) = self.snapshot();
+        // Every target in the legend, in the page's order, with or without traffic.
+        let mut ordered: Vec<(String, Vec<u64>)> = targets
+            .iter()
+            .map(|t| {
+                let series = per_target.remove(*t).unwrap_or_else(|| vec![0; MINUTES]);
+                ((*t).to_string(), series)
+            })
+            .collect();
+        ordered.extend(per_target);
+        let per_target = ordered;
         let max = per_target
-            .values()
-            .flat_map(|v| v.iter().copied())
+            .iter()
+            .flat_map(|(_, v)| v.iter().copied())
             .max()
             .unwrap_or(0)
             .max(1);
@@ -131,7 +147,7 @@ impl Traffic {
             H + 14.0
         );
         for (i, (target, series)) in per_target.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
+            let color = color(i);
             let points: Vec<String> = series
                 .iter()
                 .enumerate()
@@ -170,7 +186,7 @@ mod tests {
         assert_eq!(per_target["new"].last(), Some(&2));
         assert_eq!(per_target["old"].iter().sum::<u64>(), 1);
         assert_eq!(per_site[&("new".to_string(), "paris".to_string())], 2);
-        let svg = t.svg();
+        let svg = t.svg(&["old", "new"]);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains(">new<"));
     }
 }

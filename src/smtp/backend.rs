@@ -134,7 +134,7 @@ impl Server {
             }
         }
         metrics::gauge!(
-            "coexist_backend_up",
+            crate::metric_names::BACKEND_UP,
             "target" => self.target.clone(),
             "server" => self.addr.clone()
         )

@@ -60,12 +60,31 @@ impl Reply {
     pub fn enhanced(&self) -> Option<&str> {
         let first = self.lines.first()?;
         let esc = first.split(' ').next()?;
-        let parts: Vec<&str> = esc.split('.').collect();
-        (parts.len() == 3
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())))
-        .then_some(esc)
+        // Counted, not collected: this runs for every recipient's log line.
+        let mut n = 0;
+        let ok = esc.split('.').all(|p| {
+            n += 1;
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+        });
+        (ok && n == 3).then_some(esc)
+    }
+
+    /// The code and enhanced code (`550 5.7.1`) for log lines, formatted only when the
+    /// line is written.
+    pub fn short(&self) -> ReplyCode<'_> {
+        ReplyCode(self)
+    }
+}
+
+/// See [`Reply::short`].
+pub struct ReplyCode<'a>(&'a Reply);
+
+impl fmt::Display for ReplyCode<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.enhanced() {
+            Some(e) => write!(f, "{} {e}", self.0.code),
+            None => write!(f, "{}", self.0.code),
+        }
     }
 }
 

@@ -231,7 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Runs the session to its end. I/O errors on the client side end it quietly.
     pub async fn run(mut self) -> Result<(), SessionError> {
-        metrics::counter!("coexist_smtp_sessions_total").increment(1);
+        metrics::counter!(crate::metric_names::SMTP_SESSIONS).increment(1);
         let delay = self.ctx.limits.greeting_delay;
         if !delay.is_zero() {
             // Talk before the greeting is what spam engines do; a real MTA waits.
@@ -499,11 +499,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         }
         if to.address.is_empty() || to.address.chars().any(char::is_control) {
-            self.reply(&Reply::new(501, "5.1.3 Bad recipient address syntax"));
+            let reply = Reply::new(501, "5.1.3 Bad recipient address syntax");
+            // Escaped: the address holds control characters, and the line must stay one line.
+            log_rcpt(
+                self.peer,
+                txn,
+                to.address.escape_debug(),
+                "rejected",
+                "-",
+                "-",
+                &reply,
+            );
+            self.reply(&reply);
             return;
         }
         if txn.rcpts >= self.ctx.limits.max_recipients {
-            self.reply(&codes::too_many_recipients());
+            let reply = codes::too_many_recipients();
+            log_rcpt(self.peer, txn, &to.address, "deferred", "-", "-", &reply);
+            self.reply(&reply);
             return;
         }
         txn.rcpts += 1;
@@ -529,22 +542,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Route::DomainDefault { target, .. } => (target, String::from("-"), as_given()),
                 Route::Reject { .. } => {
                     count_rcpt("-", "-", "unknown");
-                    self.reply(&codes::no_such_user());
+                    let reply = codes::no_such_user();
+                    log_rcpt(self.peer, txn, &to.address, "unknown", "-", "-", &reply);
+                    self.reply(&reply);
                     return;
                 }
                 Route::NotOurs => {
                     count_rcpt("-", "-", "relay_denied");
-                    self.reply(&codes::relay_denied());
+                    let reply = codes::relay_denied();
+                    log_rcpt(
+                        self.peer,
+                        txn,
+                        &to.address,
+                        "relay_denied",
+                        "-",
+                        "-",
+                        &reply,
+                    );
+                    self.reply(&reply);
                     return;
                 }
             };
             let name = table.target_name(target_id);
             let Some(t) = self.ctx.backends.target(name) else {
+                // Cannot happen with a validated table; if it does, the recipient's one
+                // line says why.
+                let reply = codes::target_unavailable();
                 tracing::error!(
-                    target = name,
-                    "routing table names a target with no backend"
+                    client = %self.peer, sender = %txn.from.address, recipient = %to.address,
+                    result = "tempfail", code = %reply.short(), target = name, site = %site,
+                    version = %txn.table.version(),
+                    "recipient: routing table names a target with no backend"
                 );
-                self.reply(&codes::target_unavailable());
+                self.reply(&reply);
                 return;
             };
             (Arc::clone(t), site, who)
@@ -557,7 +587,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .is_some_and(|p| !Arc::ptr_eq(&p.target, &target))
         {
             count_rcpt(&target.name, &site, "deferred");
-            self.reply(&codes::deferred_other_target());
+            let reply = codes::deferred_other_target();
+            log_rcpt(
+                self.peer,
+                txn,
+                &to.address,
+                "deferred",
+                &target.name,
+                &site,
+                &reply,
+            );
+            self.reply(&reply);
             return;
         }
         let seen_target = txn.parts.iter().any(|p| Arc::ptr_eq(&p.target, &target));
@@ -578,14 +618,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // transaction would have taken it once, so does this one; a second part
                 // would deliver it twice.
                 count_rcpt(&target.name, &site, "accepted");
-                self.reply(&codes::duplicate_recipient());
+                let reply = codes::duplicate_recipient();
+                log_rcpt(
+                    self.peer,
+                    txn,
+                    &to.address,
+                    "accepted",
+                    &target.name,
+                    &site,
+                    &reply,
+                );
+                self.reply(&reply);
                 return;
             }
             if existing.is_none() {
                 // The early DATA guess was wrong: this recipient opens a second backend
                 // transaction for the same target (same message, other recipients).
                 self.early_data_missed = true;
-                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "split")
+                metrics::counter!(crate::metric_names::SMTP_EARLY_DATA, "outcome" => "split")
                     .increment(1);
             }
         }
@@ -632,10 +682,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if reply.is_positive() {
             self.ctx.traffic.record(&target.name, &site);
         }
-        tracing::info!(
-            peer = %self.peer, from = %txn.from.address, rcpt = %to.address,
-            target = %target.name, site = %site, reply = %reply,
-            version = %txn.table.version(), "recipient"
+        log_rcpt(
+            self.peer,
+            txn,
+            &to.address,
+            result,
+            &target.name,
+            &site,
+            &reply,
         );
         self.reply(&reply);
     }
@@ -1155,7 +1209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Violation::Loop => codes::loop_detected(),
             };
             tracing::warn!(peer = %self.peer, reply = %r, "message refused");
-            metrics::counter!("coexist_smtp_messages_total", "target" => "-", "result" => "refused").increment(1);
+            metrics::counter!(crate::metric_names::SMTP_MESSAGES, "target" => "-", "result" => "refused").increment(1);
             self.end_txn().await;
             return r;
         }
@@ -1172,7 +1226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     let started = std::time::Instant::now();
                     let r = conn.read_final(final_timeout).await;
                     // How long each target takes to take responsibility for a message.
-                    metrics::histogram!("coexist_smtp_final_reply_seconds", "target" => p.target.name.clone())
+                    metrics::histogram!(crate::metric_names::SMTP_FINAL_REPLY_SECONDS, "target" => p.target.name.clone())
                         .record(started.elapsed().as_secs_f64());
                     (p, r)
                 }),
@@ -1212,7 +1266,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Some(r) if r.is_transient() => "tempfail",
                 Some(_) => "rejected",
             };
-            metrics::counter!("coexist_smtp_messages_total", "target" => p.target.name.clone(), "result" => result)
+            metrics::counter!(crate::metric_names::SMTP_MESSAGES, "target" => p.target.name.clone(), "result" => result)
                 .increment(1);
         }
         let reply = if failed.is_empty() {
@@ -1230,7 +1284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Some targets hold the message, others do not, and the spool could not take
             // the rest: a temporary failure is the only safe answer; the client retries and
             // the accepting side gets a duplicate, which is better than a loss.
-            metrics::counter!("coexist_smtp_partial_duplicate_risk_total").increment(1);
+            metrics::counter!(crate::metric_names::SMTP_PARTIAL_DUPLICATE_RISK).increment(1);
             tracing::warn!(
                 accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
                 "message accepted by some targets only; answering 451 (duplicate risk)"
@@ -1241,7 +1295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.early_data_streak = !txn.multi_rcpt;
             let used = txn.parts.iter().filter(|p| p.early && p.done).count();
             if used > 0 {
-                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "used")
+                metrics::counter!(crate::metric_names::SMTP_EARLY_DATA, "outcome" => "used")
                     .increment(used as u64);
             }
         }
@@ -1288,7 +1342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
                     "split delivery: the rest is spooled or reported to the sender"
                 );
-                metrics::counter!("coexist_smtp_spooled_total").increment(1);
+                metrics::counter!(crate::metric_names::SMTP_SPOOLED).increment(1);
                 let mut text = String::from("Message accepted for delivery");
                 if let Some(id) = id {
                     let _ = write!(text, " ({n} recipient(s) queued as {id})");
@@ -1319,7 +1373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // An early DATA with no message behind it: the connection goes (an RSET
                 // would be message text), and this session stops guessing.
                 self.early_data_missed = true;
-                metrics::counter!("coexist_smtp_early_data_total", "outcome" => "dropped")
+                metrics::counter!(crate::metric_names::SMTP_EARLY_DATA, "outcome" => "dropped")
                     .increment(1);
             }
             if conn.broken || p.in_data || (!p.done && !conn.rset().await) {
@@ -1571,6 +1625,36 @@ fn decode_xoauth2(b64: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The one log line every recipient of a transaction gets, whatever its outcome (SPEC §4.1):
+/// `result` is the word of `coexist_smtp_recipients_total`, `code` what the client was
+/// answered. A temporary failure is `warn` (something to look at: a target unreachable or
+/// refusing for now); everything else, refusals included, is a normal outcome: `info`.
+/// coexist's own 452s (defer, too many recipients) are flow control, not failures.
+fn log_rcpt(
+    client: SocketAddr,
+    txn: &Txn,
+    recipient: impl std::fmt::Display,
+    result: &'static str,
+    target: &str,
+    site: &str,
+    reply: &Reply,
+) {
+    macro_rules! line {
+        ($level:ident) => {
+            tracing::$level!(
+                client = %client, sender = %txn.from.address, recipient = %recipient,
+                result, code = %reply.short(), target, site,
+                version = %txn.table.version(), reply = %reply, "recipient"
+            )
+        };
+    }
+    if reply.is_transient() && result != "deferred" {
+        line!(warn);
+    } else {
+        line!(info);
+    }
+}
+
 /// Counts a recipient in `coexist_smtp_recipients_total`. The counter handles are kept by
 /// target and site: registering the label set for every recipient (three allocations and a
 /// registry lookup) showed in profiles of the hot path.
@@ -1594,7 +1678,7 @@ fn count_rcpt(target: &str, site: &str, result: &'static str) {
         return;
     }
     let c = metrics::counter!(
-        "coexist_smtp_recipients_total",
+        crate::metric_names::SMTP_RECIPIENTS,
         "target" => target.to_string(),
         "site" => site.to_string(),
         "result" => result

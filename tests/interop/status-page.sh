@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The admin status page in a real headless browser (Debian's chromium): it renders and shows
-# the active version. Runs `coexist demo` (fixed loopback ports 2525, 2601, 2602, 8025).
+# The admin status page in a real headless browser (Debian's chromium): it renders, shows
+# the active version, per-site progress and pinned mailboxes, and refreshes itself. Runs `coexist demo` (fixed loopback ports 2525, 2601, 2602, 8025).
 # Fails loudly when chromium or the binary is missing: never skips.
 set -euo pipefail
 BIN=${COEXIST_BIN:-target/debug/coexist}
@@ -36,6 +36,27 @@ if grep -q "<td>paris</td><td>new</td>" "$T/dom.html"; then
   result 0 "status-page-lists-sites-and-owners"
 else
   result 1 "status-page-lists-sites-and-owners" "no paris/new row"
+fi
+# Refreshes itself while an operator watches a cutover, without script.
+if grep -q '<meta http-equiv="refresh" content="5">' "$T/dom.html"; then
+  result 0 "status-page-refreshes-itself"
+else
+  result 1 "status-page-refreshes-itself" "no refresh meta in the DOM"
+fi
+# Per-site progress, from the sample tables and the demo's tour: berlin (owner old) has
+# four mailboxes, bob pinned to new; the tour sent two recipients there, both on old.
+berlin=$(grep -o '<tr id="site-berlin">.*' "$T/dom.html" | sed 's|</tr>.*||')
+if [[ "$berlin" == *'<td>berlin</td><td>old</td><td>4</td>'* && "$berlin" == *'old 3 (75%)'* \
+      && "$berlin" == *'new 1 (25%)'* && "$berlin" == *'old 2 (100%)'* ]]; then
+  result 0 "status-page-shows-site-progress"
+else
+  result 1 "status-page-shows-site-progress" "berlin row: ${berlin:-missing}"
+fi
+if grep -q '<td>bob@example.com</td><td>berlin</td><td>old</td><td>new</td>' "$T/dom.html" \
+   && grep -q '<b id="pinned-total">1</b>' "$T/dom.html"; then
+  result 0 "status-page-lists-pinned-mailboxes"
+else
+  result 1 "status-page-lists-pinned-mailboxes" "bob (berlin, pinned to new) not listed"
 fi
 timeout 60 "$CHROMIUM" "${flags[@]}" --window-size=1000,800 --screenshot="$T/page.png" http://127.0.0.1:8025/ >/dev/null 2>&1 || true
 if [ -s "$T/page.png" ]; then
