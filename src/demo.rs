@@ -83,7 +83,7 @@ fn random_token() -> std::io::Result<String> {
     use std::io::Read as _;
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    Ok(format!("{:032x}", u128::from_be_bytes(b)))
 }
 
 /// Writes the embedded samples to a fresh directory (removed when the demo ends) and
