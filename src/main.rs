@@ -26,8 +26,15 @@ struct Cli {
 #[derive(Args)]
 struct ConfigArg {
     /// The config file (coexist.toml); paths in it are relative to its directory, the
-    /// default is relative to the current directory.
-    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    /// default is relative to the current directory. The container image sets
+    /// COEXIST_CONFIG=/etc/coexist/coexist.toml.
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        default_value = DEFAULT_CONFIG,
+        env = "COEXIST_CONFIG"
+    )]
     config: PathBuf,
 }
 

@@ -729,3 +729,97 @@ async fn status_into_a_closed_pipe_ends_quietly() {
     );
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
+
+#[tokio::test]
+async fn public_status_opens_the_read_only_pages_and_nothing_else() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), support::ROUTES).unwrap();
+    std::fs::write(dir.path().join("admin.token"), "s3cret-token\n").unwrap();
+    let cfg = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"admin.token\"\npublic_status = true\n\
+         [smtp]\n[[smtp.listener]]\nlisten = \"127.0.0.1:0\"\nmode = \"relay\"\n\
+         [targets.old]\nsmtp = [\"{}\"]\n[targets.new]\nsmtp = [\"{}\"]\n",
+        old.addr, new.addr
+    );
+    std::fs::write(dir.path().join("coexist.toml"), cfg).unwrap();
+    let running = Running::start(Config::load(&dir.path().join("coexist.toml")).unwrap())
+        .await
+        .unwrap();
+    let a = running.admin_addr;
+    for path in ["/status", "/metrics", "/"] {
+        let (code, _) = admin_call(a, None, "GET", path, None).await;
+        assert_eq!(code, 200, "GET {path} without the token");
+    }
+    for path in [
+        "/lookup?address=alice%40example.com",
+        "/routes/history",
+        "/queue",
+    ] {
+        let (code, _) = admin_call(a, None, "GET", path, None).await;
+        assert_eq!(code, 401, "GET {path} needs the token");
+    }
+    for path in [
+        "/routes/reload",
+        "/routes/rollback",
+        "/routes/cutover",
+        "/status",
+    ] {
+        let (code, _) = admin_call(a, None, "POST", path, Some(json!({}))).await;
+        assert_eq!(code, 401, "POST {path} needs the token");
+    }
+}
+
+#[tokio::test]
+async fn serve_creates_the_live_table_from_its_seed_once() {
+    let old = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir(&etc).unwrap();
+    std::fs::write(etc.join("routes.toml"), support::ROUTES).unwrap();
+    let cfg = format!(
+        "[routes]\npath = \"../var/routes/routes.toml\"\nseed = \"routes.toml\"\n\
+         state_dir = \"../var/state\"\n[spool]\ndir = \"../var/spool\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [smtp]\n[[smtp.listener]]\nlisten = \"127.0.0.1:0\"\nmode = \"relay\"\n\
+         [targets.old]\nsmtp = [\"{}\"]\n[targets.new]\nsmtp = [\"{}\"]\n",
+        old.addr, new.addr
+    );
+    let cfg_path = etc.join("coexist.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let running = Running::start(Config::load(&cfg_path).unwrap())
+        .await
+        .unwrap();
+    let live = dir.path().join("var/routes/routes.toml");
+    assert_eq!(std::fs::read_to_string(&live).unwrap(), support::ROUTES);
+    let (code, v) = admin_call(
+        running.admin_addr,
+        None,
+        "POST",
+        "/routes/cutover",
+        Some(json!({"site": "berlin", "to": "new"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    running.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(
+        std::fs::read_to_string(etc.join("routes.toml")).unwrap(),
+        support::ROUTES,
+        "the seed is never written"
+    );
+    // A restart serves the live table (with the cutover), not the seed.
+    let running = Running::start(Config::load(&cfg_path).unwrap())
+        .await
+        .unwrap();
+    let (_, l) = admin_call(
+        running.admin_addr,
+        None,
+        "GET",
+        "/lookup?address=bob%40example.com",
+        None,
+    )
+    .await;
+    assert_eq!(l["owner"], "new", "{l}");
+}
