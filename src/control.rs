@@ -176,10 +176,19 @@ fn full_hash(v: Version) -> String {
     format!("{:016x}", v.hash)
 }
 
+/// How a source file is named in the history: its absolute path, so that one file has one
+/// name however the config was given (`-c coexist.toml` or `-c /etc/coexist/coexist.toml`).
+fn key(p: &Path) -> String {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn file_ids(sources: &[SourceFile]) -> FileIds {
     sources
         .iter()
-        .map(|f| (f.path.display().to_string(), blob_id(&f.bytes)))
+        .map(|f| (key(&f.path), blob_id(&f.bytes)))
         .collect()
 }
 
@@ -254,11 +263,28 @@ impl StateDir {
         let path = self.history_path();
         let mut f = std::fs::OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        writeln!(f, "{line}").map_err(io_err(&path))?;
-        f.sync_all().map_err(io_err(&path))?;
+        let len = f.metadata().map_err(io_err(&path))?.len();
+        // A line torn by an earlier crash must not swallow this one.
+        let mut torn = false;
+        if len > 0 {
+            use std::io::{Read as _, Seek as _};
+            let mut last = [0u8; 1];
+            f.seek(std::io::SeekFrom::End(-1))
+                .and_then(|_| f.read_exact(&mut last))
+                .map_err(io_err(&path))?;
+            torn = last[0] != b'\n';
+        }
+        let text = format!("{}{line}\n", if torn { "\n" } else { "" });
+        let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            // A partial line would merge with the next entry: cut it off again.
+            let _ = f.set_len(len).and_then(|()| f.sync_all());
+            return Err(io_err(&path)(e));
+        }
         Ok(())
     }
 
@@ -328,6 +354,15 @@ enum Install {
     },
 }
 
+impl Install {
+    fn version(&self) -> Version {
+        match self {
+            Install::New(t) => t.version(),
+            Install::Rollback { table, .. } => table.version(),
+        }
+    }
+}
+
 /// A change that compiled and is ready to be made durable and installed.
 struct Prepared {
     install: Install,
@@ -340,8 +375,19 @@ struct Prepared {
     write_files: bool,
 }
 
-/// A source file of the active version whose bytes on disk differ (`None`: missing).
+/// A source file whose bytes on disk are not what the active version kept (`None`:
+/// missing): a hand edit that was not reloaded.
 type PendingFile = (String, Option<Vec<u8>>);
+
+/// What a change found on disk before it writes anything.
+struct DiskCheck {
+    /// Hand edits (set aside first by a forced change).
+    pending: Vec<PendingFile>,
+    /// Every file the change may touch → the blob id of its bytes as checked (`None`:
+    /// missing). A file that differs from this when it is written was saved meanwhile: the
+    /// change stops rather than overwrite an edit nobody kept.
+    seen: BTreeMap<String, Option<String>>,
+}
 
 impl HistoryEntry {
     fn new(version: Version, by: &str, what: &str, files: FileIds, moved: u64) -> Self {
@@ -395,12 +441,13 @@ impl Control {
         let ids = file_ids(&sources);
         // Rollbacks record older sequence numbers again: the next new one is above all.
         let max_seq = kept.iter().map(|e| e.seq).max().unwrap_or(0);
+        // Always: a lost blob would make every later change fail to read the active files.
+        state.keep_blobs(&sources)?;
         let seq = match kept.last() {
             Some(e) if e.is(&table, &ids) => e.seq,
             _ => {
                 let mut v = table.version();
                 v.seq = max_seq + 1;
-                state.keep_blobs(&sources)?;
                 state.append(&HistoryEntry::new(v, "coexist", "start", ids.clone(), 0))?;
                 v.seq
             }
@@ -444,25 +491,43 @@ impl Control {
         }
     }
 
-    /// The active version's files that differ on disk. Without `force` any difference
-    /// refuses the change (`refused` names it), saying what the pending edit would move.
-    fn check_pending(
+    /// Compares the files on disk with the active version's, and with what the change
+    /// would write. A file that differs from the active version's, or that the change
+    /// would overwrite although the active version never had it, is a pending hand edit:
+    /// without `force` that refuses the change (`refused` names it), saying what the
+    /// pending edit would move.
+    fn check_disk(
         &self,
         active_files: &FileIds,
+        writes: &[SourceFile],
         active: &RoutingTable,
         refused: &str,
         force: bool,
-    ) -> Result<Vec<PendingFile>, ControlError> {
-        let pending: Vec<PendingFile> = active_files
-            .iter()
-            .filter_map(|(path, id)| match std::fs::read(path) {
-                Ok(b) if blob_id(&b) == *id => None,
-                Ok(b) => Some((path.clone(), Some(b))),
-                Err(_) => Some((path.clone(), None)),
-            })
-            .collect();
+    ) -> Result<DiskCheck, ControlError> {
+        let mut seen = BTreeMap::new();
+        let mut pending: Vec<PendingFile> = Vec::new();
+        for (k, id) in active_files {
+            let disk = std::fs::read(k).ok();
+            let disk_id = disk.as_deref().map(blob_id);
+            if disk_id.as_ref() != Some(id) {
+                pending.push((k.clone(), disk));
+            }
+            seen.insert(k.clone(), disk_id);
+        }
+        for f in writes {
+            let k = key(&f.path);
+            if seen.contains_key(&k) {
+                continue;
+            }
+            let disk = std::fs::read(&f.path).ok();
+            let disk_id = disk.as_deref().map(blob_id);
+            if disk.as_ref().is_some_and(|d| *d != f.bytes) {
+                pending.push((k.clone(), disk));
+            }
+            seen.insert(k, disk_id);
+        }
         if pending.is_empty() || force {
-            return Ok(pending);
+            return Ok(DiskCheck { pending, seen });
         }
         let (diff, errors) = match compile_routes(&self.routes_path, &self.targets, &mut read_disk)
         {
@@ -484,7 +549,7 @@ impl Control {
     /// Reads `path` as the active version has it (its kept blob), or from disk when the
     /// active version does not have that file.
     fn read_active(&self, active_files: &FileIds, path: &Path) -> std::io::Result<Vec<u8>> {
-        match active_files.get(&path.display().to_string()) {
+        match active_files.get(&key(path)) {
             Some(id) => std::fs::read(self.state.blob_path(id)),
             None => std::fs::read(path),
         }
@@ -498,10 +563,10 @@ impl Control {
         active_files: &mut FileIds,
         p: Prepared,
         by: &str,
-        pending: &[PendingFile],
+        disk: &DiskCheck,
     ) -> Result<ChangeReport, ControlError> {
         let mut kept = Vec::new();
-        for (file, bytes) in pending {
+        for (file, bytes) in &disk.pending {
             if let Some(bytes) = bytes {
                 let at = self.state.set_aside(Path::new(file), bytes)?;
                 tracing::warn!(%file, kept = %at.display(), "hand edit set aside by a forced change");
@@ -519,6 +584,14 @@ impl Control {
                 if before.as_deref() == Some(f.bytes.as_slice()) {
                     continue;
                 }
+                let k = key(&f.path);
+                if disk.seen.get(&k).cloned().flatten() != before.as_deref().map(blob_id) {
+                    undo(&written);
+                    return Err(ControlError::Source {
+                        path: f.path.clone(),
+                        what: "changed on disk while the change was being made; nothing changed (reload, or try again)".into(),
+                    });
+                }
                 if let Err(e) = write_atomic(&f.path, &f.bytes) {
                     undo(&written);
                     return Err(e);
@@ -526,10 +599,7 @@ impl Control {
                 written.push((f.path.clone(), before));
             }
         }
-        let version = match &p.install {
-            Install::New(t) => t.version(),
-            Install::Rollback { table, .. } => table.version(),
-        };
+        let version = p.install.version();
         let ids = file_ids(&p.sources);
         let entry = HistoryEntry::new(version, by, &p.what, ids.clone(), p.diff.moved_total);
         if let Err(e) = self.state.append(&entry) {
@@ -577,10 +647,7 @@ impl Control {
     }
 
     fn dry_run(p: Prepared, active: &RoutingTable) -> ChangeReport {
-        let to = match &p.install {
-            Install::New(t) => t.version(),
-            Install::Rollback { table, .. } => table.version(),
-        };
+        let to = p.install.version();
         ChangeReport {
             applied: false,
             changed: true,
@@ -614,7 +681,11 @@ impl Control {
         if dry_run {
             return Ok(Self::dry_run(p, &active));
         }
-        self.commit(&mut g, p, by, &[])
+        let none = DiskCheck {
+            pending: Vec::new(),
+            seen: BTreeMap::new(),
+        };
+        self.commit(&mut g, p, by, &none)
     }
 
     /// Changes a site's or a mailbox's owner in the routes file and applies it. The edit is
@@ -641,7 +712,6 @@ impl Control {
                 known.join(", ")
             )));
         }
-        let pending = self.check_pending(&g, &active, &asked, force)?;
         let text = self
             .read_active(&g, path)
             .map_err(io_err(path))
@@ -665,10 +735,11 @@ impl Control {
             return Ok(Self::unchanged(what, &active));
         }
         let p = self.prepare_new(table, sources, what, &active, true);
+        let disk = self.check_disk(&g, &p.sources, &active, &asked, force)?;
         if dry_run {
             return Ok(Self::dry_run(p, &active));
         }
-        self.commit(&mut g, p, by, &pending)
+        self.commit(&mut g, p, by, &disk)
     }
 
     /// Goes back to the previous version (or `to`): the table and its source files. With
@@ -682,7 +753,6 @@ impl Control {
         let mut g = self.lock();
         let active = self.router.snapshot();
         let asked = to.map_or_else(|| "rollback".to_string(), |v| format!("rollback to {v}"));
-        let pending = self.check_pending(&g, &active, &asked, force)?;
         let kept = self.state.read_history();
         let p = match self.router.rollback_target(to) {
             Ok(target) => {
@@ -724,7 +794,13 @@ impl Control {
             }
             Err(e) => return Err(e.into()),
         };
-        self.commit(&mut g, p, by, &pending)
+        // Back to a version with exactly the active files changes nothing. (Without a
+        // version, rollback walks back through what was active, so it is never stuck.)
+        if to.is_some() && file_ids(&p.sources) == *g {
+            return Ok(Self::unchanged(p.what, &active));
+        }
+        let disk = self.check_disk(&g, &p.sources, &active, &asked, force)?;
+        self.commit(&mut g, p, by, &disk)
     }
 
     /// A kept version compiled again from its blobs. If they no longer compile (the
@@ -734,14 +810,14 @@ impl Control {
         entry: &HistoryEntry,
         active: &RoutingTable,
     ) -> Result<Prepared, ControlError> {
-        let kept: BTreeMap<PathBuf, Vec<u8>> = self
+        let kept: BTreeMap<String, Vec<u8>> = self
             .state
             .sources(&entry.files)?
             .into_iter()
-            .map(|f| (f.path, f.bytes))
+            .map(|f| (key(&f.path), f.bytes))
             .collect();
         let mut read = |p: &Path| {
-            kept.get(p).cloned().ok_or_else(|| {
+            kept.get(&key(p)).cloned().ok_or_else(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     format!("not among the kept files of version {}", entry.version),
@@ -1126,6 +1202,76 @@ mod tests {
         let e = seed_routes(&other, &etc.join("routes.toml"), &targets).unwrap_err();
         assert!(matches!(e, ControlError::Rejected(_)), "{e}");
         assert!(!other.exists());
+    }
+
+    #[test]
+    fn a_rollback_never_overwrites_an_edited_file_the_active_version_does_not_have() {
+        let f = Fixture::new();
+        let csv = f.dir.path().join("more.csv");
+        std::fs::write(&csv, "address,site\ncarol@example.com,berlin\n").unwrap();
+        std::fs::write(
+            f.routes(),
+            format!("{ROUTES}\n[import]\ncsv = [\"more.csv\"]\n"),
+        )
+        .unwrap();
+        let c = f.start();
+        // Version 2 drops the import; then the operator edits the CSV it no longer reads.
+        std::fs::write(f.routes(), ROUTES).unwrap();
+        c.reload(false, "test").unwrap();
+        let edited = "address,site\ncarol@example.com,berlin\nzoe@example.com,berlin\n";
+        std::fs::write(&csv, edited).unwrap();
+        let e = c.rollback(Some("1"), false, "test").unwrap_err();
+        let ControlError::Pending(p) = &e else {
+            panic!("{e}")
+        };
+        assert!(p.files.iter().any(|f| f.ends_with("more.csv")), "{e}");
+        assert_eq!(std::fs::read_to_string(&csv).unwrap(), edited);
+        let r = c.rollback(Some("1"), true, "test").unwrap();
+        assert_eq!(r.kept.len(), 1, "{r:?}");
+        assert_eq!(std::fs::read_to_string(&r.kept[0].kept_at).unwrap(), edited);
+    }
+
+    #[test]
+    fn a_torn_history_line_does_not_swallow_the_next_entry() {
+        let f = Fixture::new();
+        let c = f.start();
+        let h = f.state().join("history.jsonl");
+        // A crash in the middle of an append left half a line.
+        let mut text = std::fs::read_to_string(&h).unwrap();
+        text.push_str("{\"version\":\"9-dead");
+        std::fs::write(&h, text).unwrap();
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
+        let whats: Vec<String> = c.history(10).into_iter().map(|e| e.what).collect();
+        assert_eq!(whats, ["cutover site berlin -> new", "start"]);
+    }
+
+    #[test]
+    fn a_rollback_to_a_version_with_the_active_files_changes_nothing() {
+        let f = Fixture::new();
+        let c = f.start();
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
+        c.cutover(&berlin("old"), false, false, "test").unwrap();
+        assert_eq!(f.text(), ROUTES);
+        let r = c.rollback(Some("1"), false, "test").unwrap();
+        assert!(!r.changed && !r.applied, "{r:?}");
+        assert_eq!(c.history(10).len(), 3);
+    }
+
+    #[test]
+    fn one_file_has_one_name_however_the_path_is_spelt() {
+        let f = Fixture::new();
+        drop(f.start());
+        // The same routes file through a different spelling of its path.
+        let other = f.dir.path().join(".").join("routes.toml");
+        let c = Control::start(
+            &other,
+            KnownTargets::Exactly(vec!["old".into(), "new".into()]),
+            10,
+            &f.state(),
+        )
+        .unwrap();
+        assert_eq!(c.history(10).len(), 1, "no spurious start version");
+        c.cutover(&berlin("new"), false, false, "test").unwrap();
     }
 
     #[test]

@@ -134,8 +134,15 @@ impl Router {
     /// The table [`Router::rollback`] with the same `to` would make active, without
     /// changing anything: the control plane restores and records its files first.
     pub fn rollback_target(&self, to: Option<&str>) -> Result<Arc<RoutingTable>, RollbackError> {
-        let st = self.state();
-        let active = self.active.load_full();
+        Self::target(&self.state(), &self.active.load_full(), to)
+    }
+
+    /// One rule for which version a rollback goes to, for the peek and the rollback alike.
+    fn target(
+        st: &State,
+        active: &Arc<RoutingTable>,
+        to: Option<&str>,
+    ) -> Result<Arc<RoutingTable>, RollbackError> {
         match to {
             Some(spec) => {
                 let t = st
@@ -145,7 +152,7 @@ impl Router {
                     .find(|t| t.version().matches(spec))
                     .cloned()
                     .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?;
-                if Arc::ptr_eq(&t, &active) {
+                if Arc::ptr_eq(&t, active) {
                     return Err(RollbackError::AlreadyActive(active.version()));
                 }
                 Ok(t)
@@ -160,23 +167,13 @@ impl Router {
     pub fn rollback(&self, to: Option<&str>) -> Result<Swapped, RollbackError> {
         let mut st = self.state();
         let active = self.active.load_full();
-        let target = match to {
-            Some(spec) => {
-                let t = st
-                    .history
-                    .iter()
-                    .rev()
-                    .find(|t| t.version().matches(spec))
-                    .cloned()
-                    .ok_or_else(|| RollbackError::UnknownVersion(spec.to_string()))?;
-                if Arc::ptr_eq(&t, &active) {
-                    return Err(RollbackError::AlreadyActive(active.version()));
-                }
-                st.previous.push(Arc::clone(&active));
-                t
+        let target = Self::target(&st, &active, to)?;
+        match to {
+            Some(_) => st.previous.push(Arc::clone(&active)),
+            None => {
+                st.previous.pop();
             }
-            None => st.previous.pop().ok_or(RollbackError::NoEarlier)?,
-        };
+        }
         let previous = self.active.swap(Arc::clone(&target));
         // A version that is active again must be kept even if it had aged out.
         if !st.history.iter().any(|t| Arc::ptr_eq(t, &target)) {
