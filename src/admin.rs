@@ -205,31 +205,45 @@ pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: watc
     }
 }
 
-fn authorized(ctx: &AdminCtx, req: &Request<Incoming>) -> bool {
+/// What a request may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The token (or no token configured): everything.
+    Full,
+    /// No token, but `public_status`: the status page, `/status` and `/metrics`, without
+    /// who changed what and without mailbox addresses.
+    Public,
+    Denied,
+}
+
+fn access(ctx: &AdminCtx, req: &Request<Incoming>) -> Access {
     let Some(token) = &ctx.token else {
-        return true;
+        return Access::Full;
     };
-    if ctx.public_status
-        && req.method() == Method::GET
-        && matches!(req.uri().path(), "/" | "/status" | "/metrics")
-    {
-        return true;
-    }
-    let Some(given) = req
+    let given = req
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
+        .and_then(|v| v.strip_prefix("Bearer "));
     // Length first, then every byte: the comparison does not stop at the first difference.
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    let good = given.is_some_and(|given| {
+        given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if good {
+        Access::Full
+    } else if ctx.public_status
+        && req.method() == Method::GET
+        && matches!(req.uri().path(), "/" | "/status" | "/metrics")
+    {
+        Access::Public
+    } else {
+        Access::Denied
+    }
 }
 
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
@@ -331,14 +345,20 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
         }
         _ => {}
     }
-    if !authorized(ctx, &req) {
+    let access = access(ctx, &req);
+    let full = access == Access::Full;
+    if access == Access::Denied {
         let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
         r.headers_mut()
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
     }
     let result = match (&method, path.as_str()) {
-        (&Method::GET, "/status") => Ok(json_resp(StatusCode::OK, &status_json(ctx))),
+        // A million-mailbox table takes a while to summarise after a swap: off the runtime.
+        (&Method::GET, "/status") => {
+            let ctx = Arc::clone(ctx);
+            blocking(move || json_resp(StatusCode::OK, &status_json(&ctx, full))).await
+        }
         (&Method::GET, "/lookup") => match query_param(&req, "address") {
             Some(a) => {
                 let table = ctx.control.router().snapshot();
@@ -417,11 +437,17 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
             "text/plain; version=0.0.4",
             render_metrics(&ctx.control),
         )),
-        (&Method::GET, "/") => Ok(text_resp(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            status_page(ctx),
-        )),
+        (&Method::GET, "/") => {
+            let ctx = Arc::clone(ctx);
+            blocking(move || {
+                text_resp(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    status_page(&ctx, full),
+                )
+            })
+            .await
+        }
         (_, "/status" | "/lookup" | "/routes/history" | "/metrics" | "/") => {
             Ok(error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"))
         }
@@ -463,7 +489,8 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-pub fn status_json(ctx: &AdminCtx) -> Value {
+/// `/status`; without `full` access the pinned mailboxes are counted, not named.
+pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
     let t = ctx.control.router().snapshot();
     let progress = ctx.progress(&t);
     let (per_target, per_site) = ctx.traffic.snapshot();
@@ -501,6 +528,7 @@ pub fn status_json(ctx: &AdminCtx) -> Value {
     let pinned: Vec<Value> = progress
         .pinned
         .iter()
+        .filter(|_| full)
         .map(|(a, site, owner)| json!({"address": a, "site": site, "owner": owner}))
         .collect();
     let targets: Vec<Value> = ctx
@@ -592,7 +620,9 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
 
 /// The human status page: rendered on the server, no script; it reloads itself every few
 /// seconds so that an operator can leave it open during a cutover.
-fn status_page(ctx: &AdminCtx) -> String {
+/// The page; without `full` access the pinned mailboxes are counted, not named, and the
+/// history (who changed what) is left out.
+fn status_page(ctx: &AdminCtx, full: bool) -> String {
     let t = ctx.control.router().snapshot();
     let progress = ctx.progress(&t);
     let (_, per_site) = ctx.traffic.snapshot();
@@ -652,7 +682,7 @@ fn status_page(ctx: &AdminCtx) -> String {
          (pilot users, <code>coexist cutover --mailbox</code>): <b id=\"pinned-total\">{}</b>.</p>",
         progress.pinned_total
     );
-    if !progress.pinned.is_empty() {
+    if full && !progress.pinned.is_empty() {
         h.push_str("<table id=\"pinned\"><tr><th>mailbox</th><th>site</th><th>site owner</th><th>owner</th></tr>");
         for (address, site, owner) in &progress.pinned {
             let _ = write!(
@@ -701,6 +731,10 @@ fn status_page(ctx: &AdminCtx) -> String {
                 esc(&s.addr)
             );
         }
+    }
+    if !full {
+        h.push_str("</table><p>The history and the pinned mailboxes' addresses need the admin token.</p></body></html>\n");
+        return h;
     }
     h.push_str("</table><h2>History</h2><table><tr><th>version</th><th>when (UTC)</th><th>by</th><th>what</th><th>moved</th></tr>");
     for e in ctx.control.history(20) {

@@ -57,15 +57,30 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
 }
 
-/// Binds `addr`, with the address actually bound (port 0 resolved).
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AppError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| AppError::Bind { addr, source })?;
-    Ok((listener, local))
+/// Binds `addr` without listening yet, with the address actually bound (port 0 resolved).
+/// A bound socket holds the port (so a busy one fails the start at once), while a client
+/// that connects before the proxy can serve is refused, and fails over to another MX,
+/// instead of waiting unanswered in the accept queue while the backends are probed.
+fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpSocket, SocketAddr), AppError> {
+    let err = |source| AppError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    // As std's TcpListener::bind: a restart need not wait for old connections' TIME_WAIT.
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    let local = socket.local_addr().map_err(err)?;
+    Ok((socket, local))
+}
+
+/// Starts accepting on a socket [`bind`] bound.
+fn listen(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    socket
+        .listen(1024)
+        .map_err(|source| AppError::Bind { addr, source })
 }
 
 impl Running {
@@ -105,9 +120,9 @@ impl Running {
         // spool directory, no "start" in the history) and say so before anything else.
         let mut bound = Vec::new();
         for l in &smtp.listeners {
-            bound.push(bind(l.listen).await?);
+            bound.push(bind(l.listen)?);
         }
-        let (admin_listener, admin_addr) = bind(config.admin.listen).await?;
+        let (admin_socket, admin_addr) = bind(config.admin.listen)?;
         let to_control = |e| match e {
             ControlError::Rejected(d) => AppError::Routes(d),
             other => AppError::Control(other),
@@ -144,7 +159,8 @@ impl Running {
             shutdown_rx.clone(),
         ));
         let mut smtp_addrs = Vec::new();
-        for (l, (listener, addr)) in smtp.listeners.iter().zip(bound) {
+        for (l, (socket, addr)) in smtp.listeners.iter().zip(bound) {
+            let listener = listen(socket, addr)?;
             let ctx = Arc::new(SessionCtx {
                 hostname: smtp.hostname.clone(),
                 mode: l.mode,
@@ -203,7 +219,7 @@ impl Running {
             progress: std::sync::Mutex::default(),
         });
         tokio::spawn(admin::serve(
-            admin_listener,
+            listen(admin_socket, admin_addr)?,
             Arc::clone(&admin_ctx),
             shutdown_rx.clone(),
         ));

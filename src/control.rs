@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -853,7 +853,7 @@ pub fn seed_routes(
     seed: &Path,
     targets: &KnownTargets,
 ) -> Result<Vec<PathBuf>, ControlError> {
-    if path.exists() {
+    if path.try_exists().map_err(io_err(path))? {
         return Ok(Vec::new());
     }
     let (_, sources) = compile_routes(seed, targets, &mut read_disk)
@@ -861,7 +861,8 @@ pub fn seed_routes(
     let seed_dir = seed.parent().unwrap_or(Path::new("."));
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let mut written = Vec::new();
+    // Every destination is checked before anything is written.
+    let mut copies = Vec::with_capacity(sources.len());
     // The routes file last: a crash half-way leaves no routes file, so the next start
     // seeds again instead of serving a table whose imports are missing.
     for f in sources.iter().skip(1).chain(sources.first()) {
@@ -869,15 +870,40 @@ pub fn seed_routes(
             path.to_path_buf()
         } else {
             match f.path.strip_prefix(seed_dir) {
-                Ok(rel) => dir.join(rel),
-                // An import outside the seed's directory is read where it is.
-                Err(_) => continue,
+                // `..` would copy out of the routes directory (next to the state, say).
+                Ok(rel) if rel.components().all(|c| matches!(c, Component::Normal(_))) => {
+                    dir.join(rel)
+                }
+                _ => {
+                    return Err(ControlError::Source {
+                        path: f.path.clone(),
+                        what: format!(
+                            "a seed's CSV imports must lie in or below {}, to be copied beside {}",
+                            seed_dir.display(),
+                            path.display()
+                        ),
+                    });
+                }
             }
         };
+        // A live CSV left behind (the routes file was deleted to seed again) may hold edits.
+        if f.path != seed
+            && let Ok(existing) = std::fs::read(&to)
+            && existing != f.bytes
+        {
+            return Err(ControlError::Source {
+                path: to,
+                what: "exists and differs from the seed's copy; move it away to seed again".into(),
+            });
+        }
+        copies.push((to, &f.bytes));
+    }
+    let mut written = Vec::new();
+    for (to, bytes) in copies {
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
-        write_atomic(&to, &f.bytes)?;
+        write_atomic(&to, bytes)?;
         written.push(to);
     }
     Ok(written)
@@ -1196,6 +1222,34 @@ mod tests {
                 .unwrap()
                 .contains("owner = \"new\"")
         );
+        // A live CSV left behind with edits is not overwritten by seeding again.
+        std::fs::remove_file(&var).unwrap();
+        std::fs::write(
+            var_dir.join("lists/more.csv"),
+            "address,site\nedited@example.com,berlin\n",
+        )
+        .unwrap();
+        let e = seed_routes(&var, &etc.join("routes.toml"), &targets).unwrap_err();
+        assert!(e.to_string().contains("differs from the seed"), "{e}");
+        assert!(!var.exists());
+        // An import outside the seed's directory is not copied anywhere.
+        std::fs::write(
+            etc.join("../escape.csv"),
+            "address,site\ncarol@example.com,berlin\n",
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("routes.toml"),
+            format!("{ROUTES}\n[import]\ncsv = [\"../escape.csv\"]\n"),
+        )
+        .unwrap();
+        let e = seed_routes(
+            &f.dir.path().join("x/routes.toml"),
+            &etc.join("routes.toml"),
+            &targets,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("must lie in or below"), "{e}");
         // A seed that does not compile writes nothing.
         std::fs::write(etc.join("routes.toml"), "[sites.x]\nowner = \"moon\"\n").unwrap();
         let other = f.dir.path().join("other/routes.toml");

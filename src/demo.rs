@@ -94,14 +94,32 @@ fn sample_config(dir: &Path, listen: Option<IpAddr>) -> Result<Config, DemoError
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| DemoError::Write(p, e))
     };
-    std::fs::create_dir_all(&dir).map_err(|e| DemoError::Write(dir.clone(), e))?;
+    // Private to this user and new (never one somebody else prepared): it holds the token.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| DemoError::Write(dir.clone(), e))?;
+    }
     let config = match listen {
         None => SAMPLE_CONFIG.to_string(),
         Some(ip) => {
             let with_token = !ip.is_loopback();
             if with_token {
-                let t = random_token().map_err(|e| DemoError::Write(dir.join("admin.token"), e))?;
-                write("admin.token", &format!("{t}\n"))?;
+                let path = dir.join("admin.token");
+                random_token()
+                    .and_then(|t| {
+                        use std::io::Write as _;
+                        use std::os::unix::fs::OpenOptionsExt as _;
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&path)?
+                            .write_all(format!("{t}\n").as_bytes())
+                    })
+                    .map_err(|e| DemoError::Write(path, e))?;
             }
             listen_on(ip, with_token)
                 .map_err(|e| DemoError::Write(dir.join("coexist.toml"), std::io::Error::other(e)))?
@@ -117,9 +135,12 @@ fn sample_config(dir: &Path, listen: Option<IpAddr>) -> Result<Config, DemoError
 /// puts the samples' proxy listeners and admin API on that address (e.g. `0.0.0.0` in a
 /// container).
 pub async fn run(config: Option<&Path>, listen: Option<IpAddr>) -> Result<(), DemoError> {
-    let samples = std::env::temp_dir().join(format!("coexist-demo-{}", std::process::id()));
+    // A name nobody can guess ahead of time; created by `sample_config` only.
+    let suffix = random_token().map_or_else(|_| String::from("0"), |t| t[..8].to_string());
+    let samples =
+        std::env::temp_dir().join(format!("coexist-demo-{}-{suffix}", std::process::id()));
     let result = demo(config, listen, &samples).await;
-    if config.is_none() {
+    if config.is_none() && !matches!(result, Err(DemoError::Write(ref p, _)) if *p == samples) {
         let _ = std::fs::remove_dir_all(&samples);
     }
     result

@@ -150,7 +150,14 @@ enum Command {
         command: QueueCommand,
         /// The config file (coexist.toml); paths in it are relative to its directory, the
         /// default is relative to the current directory.
-        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG, global = true)]
+        #[arg(
+            short,
+            long,
+            value_name = "FILE",
+            default_value = DEFAULT_CONFIG,
+            env = "COEXIST_CONFIG",
+            global = true
+        )]
         config: PathBuf,
         /// Print JSON instead of text (for scripts).
         #[arg(long, global = true)]
@@ -480,8 +487,15 @@ fn serve(config: &Path) -> Result<()> {
         loop {
             tokio::select! {
                 _ = hup.recv() => {
-                    // Errors are logged by reload; the active table keeps serving.
-                    let _ = running.reload();
+                    // Compiling and fsyncing block: off the runtime's worker threads.
+                    let control = std::sync::Arc::clone(&running.control);
+                    match tokio::task::spawn_blocking(move || control.reload(false, "SIGHUP")).await {
+                        Ok(Ok(r)) if !r.changed => tracing::info!("SIGHUP: nothing to change"),
+                        // Applied ones are logged by the swap, rejected ones with every error.
+                        Ok(Ok(_) | Err(coexist::control::ControlError::Rejected(_))) => {}
+                        Ok(Err(e)) => tracing::error!("SIGHUP reload failed, the active table keeps serving: {e}"),
+                        Err(e) => tracing::error!("SIGHUP reload did not finish: {e}"),
+                    }
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -605,7 +619,13 @@ impl AdminClient {
                 let v: serde_json::Value = r.into_json().unwrap_or_default();
                 // The status belongs to the headline: glued to the last line it would read
                 // as part of that `file:line: message`.
-                let mut msg = format!("{} (HTTP {code})", v["error"].as_str().unwrap_or("error"));
+                let error = v["error"].as_str().unwrap_or("error");
+                let (head, rest) = error.split_once('\n').unwrap_or((error, ""));
+                let mut msg = format!("{head} (HTTP {code})");
+                if !rest.is_empty() {
+                    msg.push('\n');
+                    msg.push_str(rest);
+                }
                 for e in v["errors"].as_array().into_iter().flatten() {
                     let _ = write!(
                         msg,
@@ -995,8 +1015,9 @@ fn lookup(config: &Path, json: bool, addresses: &[String]) -> Result<()> {
                 s("version")
             ),
             "not_found" => format!(
-                "{}: no mailbox has this login, version {}",
+                "{}: no mailbox has this {}, version {}",
                 s("query"),
+                if s("via") == "guid" { "GUID" } else { "login" },
                 s("version")
             ),
             "invalid" => format!("{}: invalid address: {}", s("query"), s("reason")),

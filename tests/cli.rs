@@ -5,6 +5,7 @@ use std::process::{Command, Output, Stdio};
 
 fn coexist(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_coexist"))
+        .env_remove("COEXIST_CONFIG")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -348,6 +349,7 @@ fn into_closed_pipe(args: &[&str]) -> Output {
     let (reader, writer) = std::io::pipe().expect("pipe");
     drop(reader);
     Command::new(env!("CARGO_BIN_EXE_coexist"))
+        .env_remove("COEXIST_CONFIG")
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(writer)
@@ -497,6 +499,15 @@ fn lookup_of_something_that_is_no_address_says_so_and_fails() {
     );
     assert!(!out.contains("not ours"), "{out}");
     assert!(out.contains("alice@example.com: mailbox"), "{out}");
+
+    // A well-formed GUID that no mailbox has is not an invalid address.
+    let o = coexist(&["lookup", "00000000-1111-2222-3333-444444444444"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("no mailbox has this GUID"),
+        "{}",
+        stdout(&o)
+    );
 
     let o = coexist(&["lookup", "--json", "a b@example.com"]);
     assert_eq!(o.status.code(), Some(1));

@@ -748,10 +748,48 @@ async fn public_status_opens_the_read_only_pages_and_nothing_else() {
         .await
         .unwrap();
     let a = running.admin_addr;
+    let token = Some("s3cret-token".to_string());
+    let (code, v) = admin_call(
+        a,
+        token.clone(),
+        "POST",
+        "/routes/cutover",
+        Some(json!({"mailbox": "bob@example.com", "to": "new"})),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
     for path in ["/status", "/metrics", "/"] {
         let (code, _) = admin_call(a, None, "GET", path, None).await;
         assert_eq!(code, 200, "GET {path} without the token");
     }
+    // Open pages count the pinned mailboxes but do not name them, nor who changed what.
+    let (_, open) = admin_call(a, None, "GET", "/status", None).await;
+    assert_eq!(open["pinned_total"], 1, "{open}");
+    assert_eq!(open["pinned"], json!([]), "{open}");
+    let (_, with_token) = admin_call(a, token.clone(), "GET", "/status", None).await;
+    assert_eq!(with_token["pinned"][0]["address"], "bob@example.com");
+    let page = |token: Option<String>| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+        let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    let open_page = page(None).await;
+    assert!(open_page.starts_with("HTTP/1.1 200"), "{open_page}");
+    assert!(!open_page.contains("bob@example.com"), "{open_page}");
+    assert!(
+        !open_page.contains("(cli)") && !open_page.contains("<h2>History"),
+        "{open_page}"
+    );
+    let full_page = page(token).await;
+    assert!(full_page.contains("bob@example.com") && full_page.contains("<h2>History"));
     for path in [
         "/lookup?address=alice%40example.com",
         "/routes/history",

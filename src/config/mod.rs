@@ -189,8 +189,10 @@ impl RoutesConfig {
     /// The file a read-only command (`check`, `lookup`) reads: the routes file, or its seed
     /// while the routes file has not been created from it yet.
     pub fn source_path(&self) -> &Path {
+        // Only a file that is certainly absent means "not seeded yet": one that cannot be
+        // looked at (permissions) is read, and its error reported, as it is.
         match &self.seed {
-            Some(seed) if !self.path.exists() => seed,
+            Some(seed) if matches!(self.path.try_exists(), Ok(false)) => seed,
             _ => &self.path,
         }
     }

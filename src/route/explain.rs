@@ -25,10 +25,14 @@ pub fn explain(table: &RoutingTable, input: &str) -> serde_json::Value {
     };
     // A bare GUID or `<guid>@domain` (MAPI MailboxId, RPC/HTTP) names a mailbox by GUID.
     let guid_part = query.split_once('@').map_or(query, |(g, _)| g);
-    if let Ok(g) = uuid::Uuid::parse_str(guid_part.trim_matches(['{', '}']))
-        && let Some(m) = table.lookup_guid(g)
-    {
-        return mailbox(m, "guid");
+    if let Ok(g) = uuid::Uuid::parse_str(guid_part.trim_matches(['{', '}'])) {
+        if let Some(m) = table.lookup_guid(g) {
+            return mailbox(m, "guid");
+        }
+        // A well-formed GUID that no mailbox has is an answer, not a malformed address.
+        if !query.contains('@') {
+            return json!({"query": input, "result": "not_found", "via": "guid", "version": version});
+        }
     }
     if query.contains('\\') {
         return match table.lookup_login(query) {
