@@ -495,7 +495,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return;
         };
         if txn.bdat.is_some() {
-            self.reply(&codes::bad_sequence("RCPT after BDAT"));
+            let reply = codes::bad_sequence("RCPT after BDAT");
+            log_rcpt(self.peer, txn, &to.address, "rejected", "-", "-", &reply);
+            self.reply(&reply);
             return;
         }
         if to.address.is_empty() || to.address.chars().any(char::is_control) {
