@@ -1016,6 +1016,19 @@ mod tests {
             Fixture { dir }
         }
 
+        /// The routes file importing `more.csv` (carol, site berlin), and that CSV.
+        fn with_csv() -> (Self, PathBuf) {
+            let f = Self::new();
+            let csv = f.dir.path().join("more.csv");
+            std::fs::write(&csv, "address,site\ncarol@example.com,berlin\n").unwrap();
+            std::fs::write(
+                f.routes(),
+                format!("{ROUTES}\n[import]\ncsv = [\"more.csv\"]\n"),
+            )
+            .unwrap();
+            (f, csv)
+        }
+
         fn routes(&self) -> PathBuf {
             self.dir.path().join("routes.toml")
         }
@@ -1074,14 +1087,7 @@ mod tests {
 
     #[test]
     fn a_rollback_whose_restore_fails_leaves_files_and_table_as_they_were() {
-        let f = Fixture::new();
-        let csv = f.dir.path().join("more.csv");
-        std::fs::write(&csv, "address,site\ncarol@example.com,berlin\n").unwrap();
-        std::fs::write(
-            f.routes(),
-            format!("{ROUTES}\n[import]\ncsv = [\"more.csv\"]\n"),
-        )
-        .unwrap();
+        let (f, csv) = Fixture::with_csv();
         let c = f.start();
         // Version 2 changes both files.
         let v2_routes = f.text().replace(
@@ -1260,14 +1266,7 @@ mod tests {
 
     #[test]
     fn a_rollback_never_overwrites_an_edited_file_the_active_version_does_not_have() {
-        let f = Fixture::new();
-        let csv = f.dir.path().join("more.csv");
-        std::fs::write(&csv, "address,site\ncarol@example.com,berlin\n").unwrap();
-        std::fs::write(
-            f.routes(),
-            format!("{ROUTES}\n[import]\ncsv = [\"more.csv\"]\n"),
-        )
-        .unwrap();
+        let (f, csv) = Fixture::with_csv();
         let c = f.start();
         // Version 2 drops the import; then the operator edits the CSV it no longer reads.
         std::fs::write(f.routes(), ROUTES).unwrap();

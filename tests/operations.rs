@@ -152,14 +152,7 @@ async fn cutover_and_rollback_move_mail_and_keep_the_source_tidy() {
     assert_eq!(v["diff"]["moved_total"], 2, "{v}");
     assert_eq!(std::fs::read_to_string(p.routes_path()).unwrap(), original);
 
-    let (code, v) = p
-        .admin(
-            "POST",
-            "/routes/cutover",
-            Some(json!({"site": "berlin", "to": "new"})),
-        )
-        .await;
-    assert_eq!(code, 200, "{v}");
+    let v = cut_berlin_over(&p).await;
     assert_eq!(v["applied"], true);
     assert!(v["to"].as_str().unwrap().starts_with("2-"));
     let edited = std::fs::read_to_string(p.routes_path()).unwrap();
@@ -452,6 +445,19 @@ async fn zero_failed_sessions_while_cutting_over_and_back_100_times() {
     assert!(s["version"].as_str().unwrap().starts_with("1-"), "{s}");
 }
 
+/// Moves site berlin to new through the admin API; the change must apply.
+async fn cut_berlin_over(p: &Proxy) -> serde_json::Value {
+    let (code, v) = p
+        .admin(
+            "POST",
+            "/routes/cutover",
+            Some(json!({"site": "berlin", "to": "new"})),
+        )
+        .await;
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
 /// Versions in the kept history, oldest first.
 async fn history_versions(p: &Proxy) -> Vec<String> {
     let (_, h) = p.admin("GET", "/routes/history", None).await;
@@ -468,14 +474,7 @@ async fn history_versions(p: &Proxy) -> Vec<String> {
 #[tokio::test]
 async fn a_hand_edit_that_was_not_reloaded_is_never_lost_nor_applied_under_another_name() {
     let (_old, _new, p) = setup().await;
-    let (code, v) = p
-        .admin(
-            "POST",
-            "/routes/cutover",
-            Some(json!({"site": "berlin", "to": "new"})),
-        )
-        .await;
-    assert_eq!(code, 200, "{v}");
+    cut_berlin_over(&p).await;
     let after_cutover = std::fs::read_to_string(p.routes_path()).unwrap();
     // The operator edits by hand (a comment, and paris moves back to old) and does not
     // reload.
@@ -577,14 +576,7 @@ async fn a_forced_cutover_is_made_to_the_active_files_and_keeps_the_edit() {
 #[tokio::test]
 async fn a_cutover_that_changes_nothing_creates_no_version() {
     let (_old, _new, p) = setup().await;
-    let (code, v) = p
-        .admin(
-            "POST",
-            "/routes/cutover",
-            Some(json!({"site": "berlin", "to": "new"})),
-        )
-        .await;
-    assert_eq!(code, 200, "{v}");
+    cut_berlin_over(&p).await;
     let before = history_versions(&p).await;
     let file = std::fs::read_to_string(p.routes_path()).unwrap();
     // paris is already on new; so is berlin now; alice already routes to new.
