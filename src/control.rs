@@ -580,11 +580,16 @@ impl Control {
         let mut written: Vec<(PathBuf, Option<Vec<u8>>)> = Vec::new();
         if p.write_files {
             for f in &p.sources {
+                let k = key(&f.path);
+                // Already these bytes when checked: nothing to write, and nothing of an
+                // edit made since could be overwritten (a large CSV is not read again).
+                if disk.seen.get(&k).cloned().flatten() == Some(blob_id(&f.bytes)) {
+                    continue;
+                }
                 let before = std::fs::read(&f.path).ok();
                 if before.as_deref() == Some(f.bytes.as_slice()) {
                     continue;
                 }
-                let k = key(&f.path);
                 if disk.seen.get(&k).cloned().flatten() != before.as_deref().map(blob_id) {
                     undo(&written);
                     return Err(ControlError::Source {
