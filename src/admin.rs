@@ -485,6 +485,23 @@ fn render_metrics(control: &Control) -> String {
     out
 }
 
+/// Recipients each target received for `site` in the traffic window, every target listed.
+fn site_recipients<'t>(
+    per_site: &crate::traffic::PerSite,
+    targets: impl Iterator<Item = &'t str>,
+    site: &str,
+) -> Vec<(&'t str, u64)> {
+    targets
+        .map(|tg| {
+            let n = per_site
+                .get(&(tg.to_string(), site.to_string()))
+                .copied()
+                .unwrap_or(0);
+            (tg, n)
+        })
+        .collect()
+}
+
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -497,16 +514,10 @@ pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
     let sites: Vec<Value> = t
         .sites()
         .map(|s| {
-            let recipients: std::collections::BTreeMap<&str, u64> = t
-                .target_names()
-                .map(|tg| {
-                    let n = per_site
-                        .get(&(tg.to_string(), s.name.to_string()))
-                        .copied()
-                        .unwrap_or(0);
-                    (tg, n)
-                })
-                .collect();
+            let recipients: std::collections::BTreeMap<&str, u64> =
+                site_recipients(&per_site, t.target_names(), s.name)
+                    .into_iter()
+                    .collect();
             json!({
                 "name": s.name,
                 "owner": s.owner,
@@ -619,9 +630,9 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
 }
 
 /// The human status page: rendered on the server, no script; it reloads itself every few
-/// seconds so that an operator can leave it open during a cutover.
-/// The page; without `full` access the pinned mailboxes are counted, not named, and the
-/// history (who changed what) is left out.
+/// seconds so that an operator can leave it open during a cutover. Without `full` access
+/// the pinned mailboxes are counted, not named, and the history (who changed what) is left
+/// out.
 fn status_page(ctx: &AdminCtx, full: bool) -> String {
     let t = ctx.control.router().snapshot();
     let progress = ctx.progress(&t);
@@ -663,16 +674,7 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
             .map(|tg| (*tg, by.and_then(|b| b.get(*tg)).copied().unwrap_or(0)))
             .collect();
         split_cell(&mut h, "mailboxes", &mailboxes);
-        let recipients: Vec<(&str, u64)> = targets
-            .iter()
-            .map(|tg| {
-                let n = per_site
-                    .get(&((*tg).to_string(), s.name.to_string()))
-                    .copied()
-                    .unwrap_or(0);
-                (*tg, n)
-            })
-            .collect();
+        let recipients = site_recipients(&per_site, targets.iter().copied(), s.name);
         split_cell(&mut h, "recipients", &recipients);
         h.push_str("</tr>");
     }

@@ -637,11 +637,15 @@ impl AdminClient {
                 }
                 Err(anyhow::anyhow!(msg))
             }
-            Err(e) => Err(anyhow::anyhow!(
-                "cannot reach the running proxy's admin API at {}: {e}",
-                self.base
-            )),
+            Err(e) => Err(self.unreachable(&e)),
         }
+    }
+
+    fn unreachable(&self, e: &ureq::Error) -> anyhow::Error {
+        anyhow::anyhow!(
+            "cannot reach the running proxy's admin API at {}: {e}",
+            self.base
+        )
     }
 }
 
@@ -759,10 +763,7 @@ fn health(config: &Path) -> Result<()> {
             "not ready: {}/readyz answered HTTP {code}",
             client.base
         )),
-        Err(e) => Err(anyhow::anyhow!(
-            "cannot reach the running proxy's admin API at {}: {e}",
-            client.base
-        )),
+        Err(e) => Err(client.unreachable(&e)),
     }
 }
 
