@@ -6,17 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, AdminCtx};
 use crate::config::{Config, ListenerMode};
 use crate::control::{Control, ControlError};
-use crate::listener::{ConnLimits, run_smtp};
+use crate::net::listener::{self, ConnLimits, ListenOptions};
+use crate::net::{shutdown, tls};
 use crate::route::{Diagnostics, Router};
 use crate::smtp::backend::{BackendSettings, Backends};
 use crate::smtp::session::SessionCtx;
-use crate::tls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -25,7 +24,7 @@ pub enum AppError {
     #[error(transparent)]
     Control(ControlError),
     #[error(transparent)]
-    Spool(crate::spool::SpoolError),
+    Spool(crate::smtp::spool::SpoolError),
     #[error("admin token file {path}: {source}")]
     Token {
         path: std::path::PathBuf,
@@ -47,14 +46,14 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,
-    pub spool: Arc<crate::spool::Spool>,
+    pub spool: Arc<crate::smtp::spool::Spool>,
     pub control: Arc<Control>,
     pub backends: Arc<Backends>,
     /// The SMTP listeners' addresses, in config order (port 0 resolved).
     pub smtp_addrs: Vec<(ListenerMode, SocketAddr)>,
     pub admin_addr: SocketAddr,
     limits: Arc<ConnLimits>,
-    shutdown: watch::Sender<bool>,
+    shutdown: shutdown::Trigger,
 }
 
 /// Binds `addr` without listening yet, with the address actually bound (port 0 resolved).
@@ -145,14 +144,15 @@ impl Running {
         let router = Arc::clone(control.router());
         // Learn what every backend supports before the first EHLO is answered.
         backends.probe_all().await;
-        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (shutdown, shutdown_rx) = shutdown::channel();
         let limits = ConnLimits::new(
             smtp.limits.max_connections,
             smtp.limits.max_connections_per_ip,
         );
         let traffic = Arc::new(crate::traffic::Traffic::default());
         // Opened before the listeners: what a crash left acknowledged is delivered first.
-        let spool = crate::spool::Spool::open(config.spool.clone()).map_err(AppError::Spool)?;
+        let spool =
+            crate::smtp::spool::Spool::open(config.spool.clone()).map_err(AppError::Spool)?;
         tokio::spawn(Arc::clone(&spool).run(
             Arc::clone(&router),
             Arc::clone(&backends),
@@ -160,7 +160,7 @@ impl Running {
         ));
         let mut smtp_addrs = Vec::new();
         for (l, (socket, addr)) in smtp.listeners.iter().zip(bound) {
-            let listener = listen(socket, addr)?;
+            let tcp = listen(socket, addr)?;
             let ctx = Arc::new(SessionCtx {
                 hostname: smtp.hostname.clone(),
                 mode: l.mode,
@@ -173,11 +173,14 @@ impl Running {
                 traffic: Arc::clone(&traffic),
                 spool: Some(Arc::clone(&spool)),
             });
-            let implicit = l.mode == ListenerMode::Submissions;
-            tokio::spawn(run_smtp(
-                listener,
+            let options = ListenOptions {
+                implicit_tls: tls.clone().filter(|_| l.mode == ListenerMode::Submissions),
+                refusal: crate::smtp::reply::TOO_MANY_CONNECTIONS,
+            };
+            tokio::spawn(listener::serve(
+                tcp,
                 ctx,
-                implicit,
+                options,
                 Arc::clone(&limits),
                 shutdown_rx.clone(),
             ));
@@ -191,7 +194,7 @@ impl Running {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(5)) => admin::prometheus().run_upkeep(),
-                    () = crate::listener::stopped(&mut stop_upkeep) => return,
+                    () = stop_upkeep.signalled() => return,
                 }
             }
         });
@@ -203,7 +206,7 @@ impl Running {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(interval) => probe.probe_all().await,
-                    () = crate::listener::stopped(&mut stop) => return,
+                    () = stop.signalled() => return,
                 }
             }
         });
@@ -247,7 +250,7 @@ impl Running {
     /// Stops accepting, tells idle sessions to close, and waits for the others up to
     /// `deadline`. Returns how many connections were still open.
     pub async fn shutdown(self, deadline: Duration) -> usize {
-        let _ = self.shutdown.send(true);
+        self.shutdown.signal();
         self.limits.drain(deadline).await
     }
 }

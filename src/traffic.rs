@@ -2,20 +2,11 @@
 //! over the last half hour, kept in memory (Prometheus has the long-term counters).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Instant;
 
 /// Minutes shown.
 pub const MINUTES: usize = 30;
-
-/// The colour of the `i`-th target on the status page (chart lines and bars alike).
-pub fn color(i: usize) -> &'static str {
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
-    ];
-    COLORS[i % COLORS.len()]
-}
 
 /// Per target, recipients per minute, oldest first.
 pub type PerTarget = BTreeMap<String, Vec<u64>>;
@@ -111,65 +102,6 @@ impl Traffic {
         }
         (per_target, per_site)
     }
-
-    /// A small line chart of recipients per minute per target, as inline SVG. `targets`
-    /// gives the order, and so the colours ([`color`]), that the rest of the page uses.
-    pub fn svg(&self, targets: &[&str]) -> String {
-        const W: f64 = 600.0;
-        const H: f64 = 160.0;
-        let (mut per_target, _) = self.snapshot();
-        // Every target in the legend, in the page's order, with or without traffic.
-        let mut ordered: Vec<(String, Vec<u64>)> = targets
-            .iter()
-            .map(|t| {
-                let series = per_target.remove(*t).unwrap_or_else(|| vec![0; MINUTES]);
-                ((*t).to_string(), series)
-            })
-            .collect();
-        ordered.extend(per_target);
-        let per_target = ordered;
-        let max = per_target
-            .iter()
-            .flat_map(|(_, v)| v.iter().copied())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{}\" role=\"img\" \
-             aria-label=\"recipients per minute per target\">\
-             <rect x=\"0\" y=\"0\" width=\"{W}\" height=\"{H}\" fill=\"#fafafa\" stroke=\"#ccc\"/>\
-             <text x=\"4\" y=\"12\" font-size=\"11\">{max}/min</text>\
-             <text x=\"4\" y=\"{}\" font-size=\"11\">-{MINUTES} min</text>\
-             <text x=\"{}\" y=\"{}\" font-size=\"11\">now</text>",
-            H + 30.0,
-            H + 14.0,
-            W - 28.0,
-            H + 14.0
-        );
-        for (i, (target, series)) in per_target.iter().enumerate() {
-            let color = color(i);
-            let points: Vec<String> = series
-                .iter()
-                .enumerate()
-                .map(|(x, v)| {
-                    let px = x as f64 * W / (MINUTES - 1) as f64;
-                    let py = H - (*v as f64) * (H - 16.0) / max as f64;
-                    format!("{px:.1},{py:.1}")
-                })
-                .collect();
-            let _ = write!(
-                s,
-                "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\
-                 <text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"{color}\">{}</text>",
-                points.join(" "),
-                80 + i * 90,
-                H + 28.0,
-                crate::admin::esc(target)
-            );
-        }
-        s.push_str("</svg>");
-        s
-    }
 }
 
 #[cfg(test)]
@@ -186,7 +118,5 @@ mod tests {
         assert_eq!(per_target["new"].last(), Some(&2));
         assert_eq!(per_target["old"].iter().sum::<u64>(), 1);
         assert_eq!(per_site[&("new".to_string(), "paris".to_string())], 2);
-        let svg = t.svg(&["old", "new"]);
-        assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains(">new<"));
     }
 }

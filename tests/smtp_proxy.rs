@@ -404,7 +404,7 @@ async fn submission_routes_the_session_by_login() {
 }
 
 fn insecure_client() -> std::sync::Arc<rustls::ClientConfig> {
-    coexist::tls::client_config(false, None).unwrap()
+    coexist::net::tls::client_config(false, None).unwrap()
 }
 
 #[tokio::test]

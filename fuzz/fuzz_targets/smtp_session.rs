@@ -88,13 +88,13 @@ fuzz_target!(|data: &[u8]| {
     let w = world();
     w.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(1 << 16);
-        let (_tx, rx) = tokio::sync::watch::channel(false);
+        let (_stop, shutdown) = coexist::net::shutdown::channel();
         let session = Session::new(
             Arc::clone(&w.ctx),
             Conn::Plain(server),
             "127.0.0.1:40000".parse().expect("addr"),
             "127.0.0.1:25".parse().expect("addr"),
-            rx,
+            shutdown,
         );
         let run = tokio::spawn(session.run());
         let _ = client.write_all(data).await;

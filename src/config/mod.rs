@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::route::diagnostics::{Diagnostics, LineIndex};
+use crate::diagnostics::{Diagnostics, LineIndex, one_line};
 use crate::route::{DEFAULT_HISTORY, KnownTargets};
 
 /// Where the config lives when `-c` is not given.
@@ -154,7 +154,7 @@ pub struct Config {
     pub routes: RoutesConfig,
     pub admin: AdminConfig,
     pub smtp: SmtpConfig,
-    pub spool: crate::spool::SpoolSettings,
+    pub spool: SpoolSettings,
     pub targets: Vec<TargetConfig>,
 }
 
@@ -316,6 +316,20 @@ pub struct TargetConfig {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// How the spool retries.
+#[derive(Debug, Clone)]
+pub struct SpoolSettings {
+    pub dir: PathBuf,
+    /// Names us in DSNs (`Reporting-MTA`, `MAILER-DAEMON@`).
+    pub hostname: String,
+    /// Where DSNs for senders outside every routed domain go (a target whose servers relay
+    /// to the internet); without it such DSNs are logged and dropped.
+    pub dsn_target: Option<String>,
+    pub max_age: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+}
+
 impl Config {
     /// Target names in config order, for validating the routing table.
     pub fn known_targets(&self) -> KnownTargets {
@@ -338,7 +352,7 @@ impl Config {
             Ok(r) => r,
             Err(e) => {
                 let line = e.span().map_or(0, |s| lines.line(s.start));
-                d.push(&file, line, crate::route::source::one_line(e.message()));
+                d.push(&file, line, one_line(e.message()));
                 return Err(d);
             }
         };
@@ -669,7 +683,7 @@ impl Config {
             },
             admin,
             smtp,
-            spool: crate::spool::SpoolSettings {
+            spool: SpoolSettings {
                 dir: rel(raw.spool.dir.as_deref().unwrap_or("spool")),
                 hostname: spool_hostname,
                 dsn_target: raw.spool.dsn_target.clone(),

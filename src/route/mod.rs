@@ -5,7 +5,6 @@
 //! (`diagnostics`) → an immutable [`RoutingTable`] → the [`Router`] swaps it in atomically
 //! and keeps a bounded history for rollback; `diff` says who moves between two tables.
 
-pub mod diagnostics;
 pub mod diff;
 pub mod explain;
 pub mod normalize;
@@ -13,7 +12,7 @@ pub mod router;
 pub mod source;
 pub mod table;
 
-pub use diagnostics::{Diagnostic, Diagnostics};
+pub use crate::diagnostics::{Diagnostic, Diagnostics};
 pub use diff::TableDiff;
 pub use explain::explain;
 pub use normalize::LocalPolicy;

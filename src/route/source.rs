@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::diagnostics::{Diagnostics, LineIndex};
 use super::normalize::LocalPolicy;
 use super::table::{Field, KnownTargets, MailboxSpec, RoutingTable, TableBuilder};
+use crate::diagnostics::{Diagnostics, LineIndex, one_line};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,23 +227,6 @@ fn spanned_field<'a>(s: &'a Spanned<String>, lines: &LineIndex) -> Field<'a> {
 
 fn finish_errors(b: TableBuilder) -> Diagnostics {
     b.into_errors()
-}
-
-/// toml's messages span several lines; a diagnostic is one.
-pub(crate) fn one_line(msg: &str) -> String {
-    let line = msg
-        .trim()
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    // Found by fuzzing: a lone CR gets a parse error whose message is blank.
-    if line.is_empty() {
-        "invalid TOML syntax".to_string()
-    } else {
-        line
-    }
 }
 
 /// The CSV columns, with the header names an Exchange `Export-Csv` gives them.

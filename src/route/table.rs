@@ -22,11 +22,11 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use serde::Serialize;
 
-use super::diagnostics::Diagnostics;
 use super::normalize::{
     self, KeyBuf, LocalPolicy, MAX_DOMAIN_LEN, canonical_domain, canonical_login, check_local,
     split_address,
 };
+use crate::diagnostics::Diagnostics;
 
 /// Index of a target (migration side) in [`RoutingTable::targets`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

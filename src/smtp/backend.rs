@@ -12,15 +12,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::TokioAsyncResolver;
 use rustls::ClientConfig;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 
+use super::command::{Caps, xtext};
 use super::io::{Conn, IoError, Line, LineIo};
 use super::reply::Reply;
 use crate::config::{SmtpTlsMode, TargetConfig};
-use crate::tls;
+use crate::net::proxy_protocol::proxy_v2_header;
+use crate::net::resolve::Resolver;
+use crate::net::tls;
 
 /// Longest reply line and most lines accepted from a backend.
 const MAX_REPLY_LINE: usize = 4096;
@@ -38,46 +40,6 @@ pub enum BackendError {
     Refused { server: String, reply: Reply },
     #[error("target {0} has no SMTP servers")]
     NoServers(String),
-}
-
-/// What a backend server said it supports in its EHLO reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Caps {
-    pub size: Option<u64>,
-    pub pipelining: bool,
-    pub eightbitmime: bool,
-    pub smtputf8: bool,
-    pub dsn: bool,
-    pub chunking: bool,
-    pub starttls: bool,
-    pub enhanced: bool,
-    pub auth: Vec<String>,
-    /// The XCLIENT attributes the server accepts (upper case), empty without XCLIENT.
-    pub xclient: Vec<String>,
-}
-
-impl Caps {
-    pub fn parse(reply: &Reply) -> Self {
-        let mut c = Caps::default();
-        for line in reply.lines.iter().skip(1) {
-            let mut words = line.split_ascii_whitespace();
-            let Some(kw) = words.next() else { continue };
-            match kw.to_ascii_uppercase().as_str() {
-                "SIZE" => c.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
-                "PIPELINING" => c.pipelining = true,
-                "8BITMIME" => c.eightbitmime = true,
-                "SMTPUTF8" => c.smtputf8 = true,
-                "DSN" => c.dsn = true,
-                "CHUNKING" => c.chunking = true,
-                "STARTTLS" => c.starttls = true,
-                "ENHANCEDSTATUSCODES" => c.enhanced = true,
-                "AUTH" => c.auth = words.map(str::to_ascii_uppercase).collect(),
-                "XCLIENT" => c.xclient = words.map(str::to_ascii_uppercase).collect(),
-                _ => {}
-            }
-        }
-        c
-    }
 }
 
 /// Timeouts and limits of the client role (RFC 5321 §4.5.3.2 gives the command ones).
@@ -169,7 +131,7 @@ impl Target {
 pub struct Backends {
     pub targets: Vec<Arc<Target>>,
     pub settings: BackendSettings,
-    resolver: Option<TokioAsyncResolver>,
+    resolver: Resolver,
 }
 
 impl Backends {
@@ -198,7 +160,7 @@ impl Backends {
                 proxy_protocol: t.proxy_protocol,
             }));
         }
-        let resolver = TokioAsyncResolver::tokio_from_system_conf().ok();
+        let resolver = Resolver::default();
         Ok(Self {
             targets: out,
             settings,
@@ -269,27 +231,6 @@ impl Backends {
         }
     }
 
-    async fn resolve(&self, addr: &str) -> Result<Vec<SocketAddr>, String> {
-        if let Ok(sa) = addr.parse::<SocketAddr>() {
-            return Ok(vec![sa]);
-        }
-        let (host, port) = addr.rsplit_once(':').ok_or("expected host:port")?;
-        let port: u16 = port.parse().map_err(|_| "bad port")?;
-        if let Some(r) = &self.resolver
-            && let Ok(ips) = r.lookup_ip(host).await
-        {
-            let v: Vec<SocketAddr> = ips.iter().map(|ip| SocketAddr::new(ip, port)).collect();
-            if !v.is_empty() {
-                return Ok(v);
-            }
-        }
-        // /etc/hosts and names the resolver library does not know.
-        tokio::net::lookup_host(addr)
-            .await
-            .map(Iterator::collect)
-            .map_err(|e| e.to_string())
-    }
-
     async fn connect(
         &self,
         target: &Target,
@@ -302,7 +243,7 @@ impl Backends {
             server: name.clone(),
             what,
         };
-        let addrs = self.resolve(&server.addr).await.map_err(&io_err)?;
+        let addrs = self.resolver.resolve(&server.addr).await.map_err(&io_err)?;
         let mut last = io_err("no address".into());
         let mut tcp = None;
         for a in addrs {
@@ -566,7 +507,7 @@ impl BackendConn {
                 line.push(' ');
                 line.push_str(name);
                 line.push('=');
-                line.push_str(&super::session::xtext(value));
+                line.push_str(&xtext(value));
             }
         }
         if line.len() == "XCLIENT".len() {
@@ -624,110 +565,5 @@ impl BackendConn {
     /// not deliver it (how an aborted DATA is cancelled).
     pub fn abort(&mut self) {
         self.broken = true;
-    }
-}
-
-/// The PROXY protocol v2 header (HAProxy's proxy-protocol.txt §2.2): PROXY with the
-/// client's TCP source and destination, or LOCAL (a connection of coexist's own).
-pub fn proxy_v2_header(client: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
-    const SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
-    let mut h = SIGNATURE.to_vec();
-    let Some((src, dst)) = client else {
-        h.extend_from_slice(&[0x20, 0x00, 0, 0]);
-        return h;
-    };
-    // An IPv4 client on a dual-stack listener shows as ::ffff:a.b.c.d: say IPv4, which
-    // every backend reads.
-    let plain = |a: SocketAddr| match a {
-        SocketAddr::V6(v6) => v6
-            .ip()
-            .to_ipv4_mapped()
-            .map_or(a, |ip| SocketAddr::new(ip.into(), v6.port())),
-        v4 @ SocketAddr::V4(_) => v4,
-    };
-    let (src, dst) = (plain(src), plain(dst));
-    h.push(0x21);
-    match (src, dst) {
-        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
-            h.extend_from_slice(&[0x11, 0, 12]);
-            h.extend_from_slice(&s.ip().octets());
-            h.extend_from_slice(&d.ip().octets());
-        }
-        _ => {
-            // Either side IPv6: both as IPv6 (an IPv4 one mapped, ::ffff:a.b.c.d).
-            let v6 = |a: SocketAddr| match a {
-                SocketAddr::V4(a) => a.ip().to_ipv6_mapped(),
-                SocketAddr::V6(a) => *a.ip(),
-            };
-            h.extend_from_slice(&[0x21, 0, 36]);
-            h.extend_from_slice(&v6(src).octets());
-            h.extend_from_slice(&v6(dst).octets());
-        }
-    }
-    h.extend_from_slice(&src.port().to_be_bytes());
-    h.extend_from_slice(&dst.port().to_be_bytes());
-    h
-}
-
-#[cfg(test)]
-mod tests {
-
-    #[test]
-    fn proxy_v2_headers() {
-        let sig = b"\r\n\r\n\0\r\nQUIT\n";
-        let local = proxy_v2_header(None);
-        assert_eq!(&local[..12], sig);
-        assert_eq!(&local[12..], &[0x20, 0x00, 0, 0]);
-        let v4 = proxy_v2_header(Some((
-            "192.0.2.7:40001".parse().unwrap(),
-            "198.51.100.1:25".parse().unwrap(),
-        )));
-        assert_eq!(
-            &v4[12..],
-            &[
-                0x21, 0x11, 0, 12, 192, 0, 2, 7, 198, 51, 100, 1, 0x9c, 0x41, 0, 25
-            ]
-        );
-        // One side IPv6: both sent as IPv6, the IPv4 one mapped.
-        let mixed = proxy_v2_header(Some((
-            "192.0.2.7:40001".parse().unwrap(),
-            "[2001:db8::1]:25".parse().unwrap(),
-        )));
-        assert_eq!(&mixed[12..16], &[0x21, 0x21, 0, 36]);
-        assert_eq!(
-            &mixed[16..32],
-            &"::ffff:192.0.2.7"
-                .parse::<std::net::Ipv6Addr>()
-                .unwrap()
-                .octets()
-        );
-        assert_eq!(mixed.len(), 16 + 36);
-        // IPv4 clients of a dual-stack listener go out as IPv4.
-        let mapped = proxy_v2_header(Some((
-            "[::ffff:192.0.2.7]:40001".parse().unwrap(),
-            "[::ffff:198.51.100.1]:25".parse().unwrap(),
-        )));
-        assert_eq!(mapped, v4);
-    }
-    use super::*;
-
-    #[test]
-    fn ehlo_keywords() {
-        let r = Reply {
-            code: 250,
-            lines: vec![
-                "mx.example Hello".into(),
-                "SIZE 10240000".into(),
-                "PIPELINING".into(),
-                "8BITMIME".into(),
-                "auth PLAIN login".into(),
-                "STARTTLS".into(),
-            ],
-        };
-        let c = Caps::parse(&r);
-        assert_eq!(c.size, Some(10_240_000));
-        assert!(c.pipelining && c.eightbitmime && c.starttls);
-        assert!(!c.smtputf8 && !c.chunking);
-        assert_eq!(c.auth, ["PLAIN", "LOGIN"]);
     }
 }

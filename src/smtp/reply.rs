@@ -95,6 +95,10 @@ impl fmt::Display for Reply {
 }
 
 /// Replies coexist gives itself. Codes per RFC 5321 §4.2, enhanced codes per RFC 3463.
+/// What a client over the connection caps reads before the listener closes its connection
+/// (written by the protocol-neutral listener, so kept as bytes).
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
+
 pub mod codes {
     /// A recipient given twice in one transaction, answered without a second offer.
     pub fn duplicate_recipient() -> Reply {
@@ -217,6 +221,7 @@ pub mod codes {
     pub fn shutting_down(host: &str) -> Reply {
         Reply::new(421, format!("4.3.2 {host} shutting down, try again later"))
     }
+    /// The same words as [`TOO_MANY_CONNECTIONS`], for tests.
     pub fn too_many_connections() -> Reply {
         Reply::new(421, "4.7.0 Too many connections, try again later")
     }
@@ -243,6 +248,13 @@ pub mod codes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_bytes_are_the_421() {
+        let mut out = Vec::new();
+        codes::too_many_connections().write_to(&mut out);
+        assert_eq!(out, TOO_MANY_CONNECTIONS);
+    }
 
     #[test]
     fn multiline_and_sanitised() {

@@ -12,24 +12,22 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use smtp_proto::{
-    AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS,
-    MAIL_SMTPUTF8, MailFrom, RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER,
-    RCPT_NOTIFY_SUCCESS, RcptTo, Request,
-};
+use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, AUTH_XOAUTH2, MailFrom, RcptTo, Request};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::backend::{BackendConn, BackendError, Backends, Target};
+use super::command::{Caps, mail_line, rcpt_line};
 use super::data::{DataScanner, Limits, Mode, Violation};
 use super::io::{Conn, IoError, Line, LineIo};
 use super::reply::{Reply, codes};
 use crate::config::{ListenerMode, MixedRecipients, SmtpLimits};
+use crate::date::rfc5322_date;
+use crate::net::{Accepted, Handler, Shutdown, Stream};
 use crate::route::{Route, Router, RoutingTable};
 
 /// RFC 5321 §4.5.3.1.4 says 512; 1000 leaves room for extension parameters.
@@ -72,7 +70,7 @@ pub struct SessionCtx {
     pub tls: Option<TlsAcceptor>,
     pub traffic: Arc<crate::traffic::Traffic>,
     /// Where the parts of split deliveries that a target did not take yet go.
-    pub spool: Option<Arc<crate::spool::Spool>>,
+    pub spool: Option<Arc<super::spool::Spool>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +79,22 @@ pub enum SessionError {
     Client(#[from] IoError),
     #[error("TLS handshake: {0}")]
     Tls(std::io::Error),
+}
+
+impl Handler for SessionCtx {
+    async fn serve(self: Arc<Self>, conn: Accepted, shutdown: Shutdown) {
+        let io = match conn.stream {
+            Stream::Plain(s) => Conn::Plain(s),
+            Stream::Tls(s) => Conn::ServerTls(s),
+        };
+        let peer = conn.peer;
+        if let Err(e) = Session::new(self, io, peer, conn.local, shutdown)
+            .run()
+            .await
+        {
+            tracing::debug!(peer = %peer, error = %e, "session ended");
+        }
+    }
 }
 
 /// One part of a transaction: the recipients for one target and the backend transaction
@@ -150,7 +164,7 @@ struct Txn {
     bdat_failed: Option<Reply>,
     /// A copy of the content, when the message goes to more than one target: what the
     /// spool keeps if only some of them take it.
-    spool: Option<crate::spool::SpoolWriter>,
+    spool: Option<super::spool::SpoolWriter>,
     /// Some target was offered more than one recipient in this transaction.
     multi_rcpt: bool,
 }
@@ -176,7 +190,7 @@ pub struct Session<S> {
     txn: Option<Txn>,
     auth: Option<Auth>,
     errors: u32,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     /// Set when the session must end after the reply being sent (a 421).
     closing: bool,
     /// Early DATA (see [`Session::early_data`]): guessed right so far — the last
@@ -193,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         conn: Conn<S>,
         peer: SocketAddr,
         local: SocketAddr,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             ctx,
@@ -278,7 +292,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let mut shutdown = self.shutdown.clone();
                 tokio::select! {
                     r = self.io.read_line(MAX_AUTH_LINE, timeout) => r,
-                    () = crate::listener::stopped(&mut shutdown), if self.txn.is_none() => {
+                    () = shutdown.signalled(), if self.txn.is_none() => {
                         let host = self.ctx.hostname.clone();
                         self.reply(&codes::shutting_down(&host));
                         self.flush().await?;
@@ -383,9 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut lines = vec![greet];
         let targets: Vec<_> = self.ctx.backends.targets.iter().map(|t| t.caps()).collect();
-        let all = |f: fn(&super::backend::Caps) -> bool| {
-            targets.iter().all(|c| c.as_ref().is_some_and(f))
-        };
+        let all = |f: fn(&Caps) -> bool| targets.iter().all(|c| c.as_ref().is_some_and(f));
         let mut size = self.ctx.limits.max_message_size;
         for c in targets.iter().flatten() {
             if let Some(s) = c.size.filter(|s| *s > 0) {
@@ -1319,7 +1331,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let Some(r) = &p.failed else { continue };
             why.push(format!("{}: {r}", p.target.name));
             for rc in &p.accepted {
-                let s = crate::spool::SpooledRcpt::from(rc);
+                let s = super::spool::SpooledRcpt::from(rc);
                 if r.is_permanent() {
                     refused.push((s, r.to_string()));
                 } else {
@@ -1755,81 +1767,6 @@ fn combine_failures<'a>(mut failed: impl Iterator<Item = &'a Reply>) -> Reply {
         .map_or_else(codes::target_unavailable, |r| (*r).clone())
 }
 
-/// xtext (RFC 3461 §4): so that no value can inject CR/LF or spaces into a command.
-pub fn xtext(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "+{b:02X}");
-        }
-    }
-    out
-}
-
-/// Rebuilds MAIL FROM for a backend with the parameters it supports.
-pub(crate) fn mail_line(
-    from: &MailFrom<String>,
-    caps: &super::backend::Caps,
-) -> Result<String, Reply> {
-    let mut line = format!("MAIL FROM:<{}>", from.address);
-    if from.flags & MAIL_SMTPUTF8 != 0 {
-        if !caps.smtputf8 {
-            return Err(Reply::new(
-                555,
-                "5.6.7 SMTPUTF8 is not supported by the destination",
-            ));
-        }
-        line.push_str(" SMTPUTF8");
-    }
-    if from.flags & MAIL_BODY_8BITMIME != 0 && caps.eightbitmime {
-        line.push_str(" BODY=8BITMIME");
-    }
-    if from.size > 0 && caps.size.is_some() {
-        let _ = write!(line, " SIZE={}", from.size);
-    }
-    if caps.dsn {
-        if from.flags & MAIL_RET_FULL != 0 {
-            line.push_str(" RET=FULL");
-        } else if from.flags & MAIL_RET_HDRS != 0 {
-            line.push_str(" RET=HDRS");
-        }
-        if let Some(id) = &from.env_id {
-            let _ = write!(line, " ENVID={}", xtext(id));
-        }
-    }
-    line.push_str("\r\n");
-    Ok(line)
-}
-
-pub(crate) fn rcpt_line(to: &RcptTo<String>, dsn: bool) -> String {
-    let mut line = format!("RCPT TO:<{}>", to.address);
-    if dsn {
-        let mut notify = Vec::new();
-        if to.flags & RCPT_NOTIFY_NEVER != 0 {
-            notify.push("NEVER");
-        }
-        if to.flags & RCPT_NOTIFY_SUCCESS != 0 {
-            notify.push("SUCCESS");
-        }
-        if to.flags & RCPT_NOTIFY_FAILURE != 0 {
-            notify.push("FAILURE");
-        }
-        if to.flags & RCPT_NOTIFY_DELAY != 0 {
-            notify.push("DELAY");
-        }
-        if !notify.is_empty() {
-            let _ = write!(line, " NOTIFY={}", notify.join(","));
-        }
-        if let Some(o) = &to.orcpt {
-            let _ = write!(line, " ORCPT=rfc822;{}", xtext(o));
-        }
-    }
-    line.push_str("\r\n");
-    line
-}
-
 fn parse_error(e: &smtp_proto::Error) -> Reply {
     use smtp_proto::Error as E;
     match e {
@@ -1848,52 +1785,9 @@ fn parse_error(e: &smtp_proto::Error) -> Reply {
     }
 }
 
-/// RFC 5322 date-time in UTC, for our `Received:` header.
-pub fn rfc5322_date(t: SystemTime) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400).cast_signed();
-    let rem = secs % 86_400;
-    // Civil from days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{}, {d} {} {y} {:02}:{:02}:{:02} +0000",
-        DAYS[days.rem_euclid(7) as usize],
-        MONTHS[(m - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xtext_escapes_everything_risky() {
-        assert_eq!(xtext("a b+c=\r\n"), "a+20b+2Bc+3D+0D+0A");
-        assert_eq!(xtext("QQ314159"), "QQ314159");
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 1 Jan 1970 00:00:00 +0000");
-        // Checked against `date -u -d @1796000000`.
-        let t = UNIX_EPOCH + Duration::from_secs(1_796_000_000);
-        assert_eq!(rfc5322_date(t), "Mon, 30 Nov 2026 00:53:20 +0000");
-    }
 
     #[test]
     fn auth_decoding() {

@@ -40,7 +40,7 @@ impl TestCert {
     pub fn acceptor(&self) -> TlsAcceptor {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = self.write(dir.path());
-        TlsAcceptor::from(coexist::tls::server_config(&c, &k).unwrap())
+        TlsAcceptor::from(coexist::net::tls::server_config(&c, &k).unwrap())
     }
 }
 

@@ -26,22 +26,12 @@ use serde::{Deserialize, Serialize};
 use smtp_proto::{MailFrom, RcptTo};
 use tokio::sync::watch;
 
+use super::backend::{Backends, Target};
+use super::command::{mail_line, rcpt_line};
+use crate::config::SpoolSettings;
+use crate::date::rfc5322_date;
+use crate::net::Shutdown;
 use crate::route::Router;
-use crate::smtp::backend::Backends;
-
-/// How the spool retries.
-#[derive(Debug, Clone)]
-pub struct SpoolSettings {
-    pub dir: PathBuf,
-    /// Names us in DSNs (`Reporting-MTA`, `MAILER-DAEMON@`).
-    pub hostname: String,
-    /// Where DSNs for senders outside every routed domain go (a target whose servers relay
-    /// to the internet); without it such DSNs are logged and dropped.
-    pub dsn_target: Option<String>,
-    pub max_age: Duration,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
-}
 
 /// A spooled recipient, as its RCPT carried it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -437,7 +427,7 @@ impl Spool {
         self: Arc<Self>,
         router: Arc<Router>,
         backends: Arc<Backends>,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) {
         let mut kick = self.kick.subscribe();
         loop {
@@ -447,7 +437,7 @@ impl Spool {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = kick.changed() => {}
-                () = crate::listener::stopped(&mut shutdown) => return,
+                () = shutdown.signalled() => return,
             }
         }
     }
@@ -623,7 +613,7 @@ fn build_dsn(host: &str, e: &Entry, failed: &[(SpooledRcpt, String)], content: &
     for (r, why) in failed {
         let _ = write!(text, "  <{}>: {}\r\n", r.address, one_line(why));
     }
-    let arrival = crate::smtp::session::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.created));
+    let arrival = rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.created));
     let mut status = format!("Reporting-MTA: dns; {host}\r\nArrival-Date: {arrival}\r\n");
     if let Some(env) = &e.env_id {
         let _ = write!(status, "Original-Envelope-Id: {}\r\n", one_line(env));
@@ -745,7 +735,7 @@ enum Delivery {
 /// One SMTP transaction to `target` for `rcpts`; per recipient what became of it.
 async fn deliver(
     backends: &Backends,
-    target: &Arc<crate::smtp::backend::Target>,
+    target: &Arc<Target>,
     e: &Entry,
     rcpts: &[SpooledRcpt],
     content: &[u8],
@@ -754,8 +744,7 @@ async fn deliver(
         .connect_new(target)
         .await
         .map_err(|x| x.to_string())?;
-    let mail =
-        crate::smtp::session::mail_line(&e.mail_from(), &conn.caps).map_err(|r| r.to_string())?;
+    let mail = mail_line(&e.mail_from(), &conn.caps).map_err(|r| r.to_string())?;
     let r = conn.command(&mail).await.map_err(|x| x.to_string())?;
     if !r.is_positive() {
         conn.quit().await;
@@ -771,7 +760,7 @@ async fn deliver(
     let mut out: Vec<Option<Delivery>> = Vec::new();
     let mut any = false;
     for rc in rcpts {
-        let line = crate::smtp::session::rcpt_line(&rc.rcpt_to(), conn.caps.dsn);
+        let line = rcpt_line(&rc.rcpt_to(), conn.caps.dsn);
         let r = conn.command(&line).await.map_err(|x| x.to_string())?;
         if r.is_positive() {
             any = true;

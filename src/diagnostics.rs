@@ -123,6 +123,23 @@ impl LineIndex {
     }
 }
 
+/// toml's messages span several lines; a diagnostic is one.
+pub fn one_line(msg: &str) -> String {
+    let line = msg
+        .trim()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    // Found by fuzzing: a lone CR gets a parse error whose message is blank.
+    if line.is_empty() {
+        "invalid TOML syntax".to_string()
+    } else {
+        line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

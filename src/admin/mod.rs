@@ -21,9 +21,11 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+pub mod chart;
 
 use crate::control::{Change, Control, ControlError};
+use crate::net::Shutdown;
 use crate::route::explain;
 use crate::smtp::backend::Backends;
 
@@ -52,7 +54,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 
 pub struct AdminCtx {
     pub control: Arc<Control>,
-    pub spool: Arc<crate::spool::Spool>,
+    pub spool: Arc<crate::smtp::spool::Spool>,
     pub traffic: Arc<crate::traffic::Traffic>,
     pub backends: Arc<Backends>,
     pub token: Option<String>,
@@ -180,11 +182,11 @@ fn control_error(e: &ControlError) -> Resp {
 }
 
 /// Serves the admin API until shutdown.
-pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminCtx>, mut shutdown: Shutdown) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            () = crate::listener::stopped(&mut shutdown) => return,
+            () = shutdown.signalled() => return,
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -417,9 +419,9 @@ async fn handle(ctx: &Arc<AdminCtx>, req: Request<Incoming>) -> Resp {
                     let id = v.get("id").and_then(Value::as_str).map(str::to_string);
                     let r = blocking(move || match (delete, id) {
                         (true, Some(id)) => spool.delete(&id).map(|()| json!({"deleted": id})),
-                        (true, None) => {
-                            Err(crate::spool::SpoolError::NotFound("(no id given)".into()))
-                        }
+                        (true, None) => Err(crate::smtp::spool::SpoolError::NotFound(
+                            "(no id given)".into(),
+                        )),
                         (false, id) => spool
                             .retry_now(id.as_deref())
                             .map(|n| json!({"due_now": n})),
@@ -591,13 +593,6 @@ fn history_json(ctx: &AdminCtx) -> Value {
     json!({ "active": active, "versions": entries })
 }
 
-pub fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// Seconds between the page's own reloads (a meta refresh: the page has no script).
 const PAGE_REFRESH_SECS: u32 = 5;
 
@@ -610,8 +605,8 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
         let _ = write!(
             h,
             "<span class=\"part\" data-{kind}=\"{t}\"><i style=\"background:{c}\"></i>{t} {n} ({pct}%)</span>",
-            t = esc(target),
-            c = crate::traffic::color(i),
+            t = chart::esc(target),
+            c = chart::color(i),
         );
     }
     h.push_str("<div class=\"bar\">");
@@ -620,9 +615,9 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
             let _ = write!(
                 h,
                 "<span title=\"{t}\" style=\"width:{w:.1}%;background:{c}\"></span>",
-                t = esc(target),
+                t = chart::esc(target),
                 w = *n as f64 * 100.0 / total as f64,
-                c = crate::traffic::color(i),
+                c = chart::color(i),
             );
         }
     }
@@ -654,7 +649,7 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
          This page reloads every {PAGE_REFRESH_SECS} s.</p>",
         v = t.version(),
         n = t.mailbox_count(),
-        src = esc(t.source()),
+        src = chart::esc(t.source()),
     );
     h.push_str(
         "<h2>Sites</h2><table id=\"sites\"><tr><th>site</th><th>owner</th><th>mailboxes</th>\
@@ -664,9 +659,9 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
         let _ = write!(
             h,
             "<tr id=\"site-{id}\"><td>{id}</td><td>{}</td><td>{}</td>",
-            esc(s.owner),
+            chart::esc(s.owner),
             s.mailboxes,
-            id = esc(s.name),
+            id = chart::esc(s.name),
         );
         let by = progress.sites.get(s.name);
         let mailboxes: Vec<(&str, u64)> = targets
@@ -690,10 +685,10 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(address),
-                esc(site),
-                esc(t.site_owner(site).unwrap_or("?")),
-                esc(owner)
+                chart::esc(address),
+                chart::esc(site),
+                chart::esc(t.site_owner(site).unwrap_or("?")),
+                chart::esc(owner)
             );
         }
         h.push_str("</table>");
@@ -708,14 +703,14 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
     h.push_str(
         "<h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>",
     );
-    h.push_str(&ctx.traffic.svg(&targets));
+    h.push_str(&chart::svg(ctx.traffic.snapshot().0, &targets));
     h.push_str("<table><tr><th>target</th><th>site</th><th>recipients (30 min)</th></tr>");
     for ((target, site), n) in &per_site {
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>",
-            esc(target),
-            esc(site)
+            chart::esc(target),
+            chart::esc(site)
         );
     }
     h.push_str("</table><h2>Targets</h2><table><tr><th>target</th><th>SMTP server</th><th>health</th></tr>");
@@ -729,8 +724,8 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td class=\"{class}\">{word}</td></tr>",
-                esc(&tg.name),
-                esc(&s.addr)
+                chart::esc(&tg.name),
+                chart::esc(&s.addr)
             );
         }
     }
@@ -740,14 +735,14 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
     }
     h.push_str("</table><h2>History</h2><table><tr><th>version</th><th>when (UTC)</th><th>by</th><th>what</th><th>moved</th></tr>");
     for e in ctx.control.history(20) {
-        let when = crate::smtp::session::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.at));
+        let when = crate::date::rfc5322_date(UNIX_EPOCH + Duration::from_secs(e.at));
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&e.version),
-            esc(&when),
-            esc(&e.by),
-            esc(&e.what),
+            chart::esc(&e.version),
+            chart::esc(&when),
+            chart::esc(&e.by),
+            chart::esc(&e.what),
             e.moved
         );
     }
