@@ -16,6 +16,7 @@ use crate::net::{shutdown, tls};
 use crate::route::{Diagnostics, Router};
 use crate::smtp::backend::{BackendSettings, Backends};
 use crate::smtp::session::SessionCtx;
+use crate::upstream::{Protocol, Registry, Thresholds, probe};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +33,9 @@ pub enum AppError {
     },
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// A start-up task died (a panic): nothing serves.
+    #[error("start-up failed: {0}")]
+    Startup(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,12 +47,16 @@ pub enum AppError {
 /// `TimeoutStopSec` must be longer).
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long the start waits for the first round of health probes.
+pub const STARTUP_PROBE_WAIT: Duration = Duration::from_secs(3);
+
 /// A proxy whose listeners are bound and serving.
 pub struct Running {
     pub router: Arc<Router>,
     pub spool: Arc<crate::smtp::spool::Spool>,
     pub control: Arc<Control>,
     pub backends: Arc<Backends>,
+    pub registry: Arc<Registry>,
     /// The SMTP listeners' addresses, in config order (port 0 resolved).
     pub smtp_addrs: Vec<(ListenerMode, SocketAddr)>,
     pub admin_addr: SocketAddr,
@@ -110,7 +118,12 @@ impl Running {
             settings.data_timeout = t;
             settings.final_timeout = t;
         }
-        let backends = Arc::new(Backends::new(&config.targets, settings)?);
+        let registry = Arc::new(Registry::new(&config.targets, Thresholds::default()));
+        let backends = Arc::new(Backends::new(
+            &config.targets,
+            settings,
+            Arc::clone(&registry),
+        )?);
         let tls = match &smtp.tls {
             Some(f) => Some(TlsAcceptor::from(tls::server_config(&f.cert, &f.key)?)),
             None => None,
@@ -126,30 +139,66 @@ impl Running {
             ControlError::Rejected(d) => AppError::Routes(d),
             other => AppError::Control(other),
         };
-        if let Some(seed) = &config.routes.seed {
-            for f in crate::control::seed_routes(&config.routes.path, seed, &config.known_targets())
-                .map_err(to_control)?
-            {
-                tracing::info!(file = %f.display(), seed = %seed.display(), "routing table created from its seed");
+        // Seeding, compiling and fsyncing the first table are blocking work: off the
+        // runtime's worker threads, like every later change.
+        let routes = config.routes.clone();
+        let known = config.known_targets();
+        let control = tokio::task::spawn_blocking(move || {
+            if let Some(seed) = &routes.seed {
+                for f in crate::control::seed_routes(&routes.path, seed, &known)? {
+                    tracing::info!(file = %f.display(), seed = %seed.display(), "routing table created from its seed");
+                }
             }
-        }
-        let control = Control::start(
-            &config.routes.path,
-            config.known_targets(),
-            config.routes.history,
-            &config.routes.state_dir,
-        )
+            Control::start(&routes.path, known, routes.history, &routes.state_dir)
+        })
+        .await
+        .map_err(|e| AppError::Startup(e.to_string()))?
         .map_err(to_control)?;
         let control = Arc::new(control);
         let router = Arc::clone(control.router());
-        // Learn what every backend supports before the first EHLO is answered.
-        backends.probe_all().await;
+        // Learn what every backend supports before the first EHLO is answered — from the
+        // servers that answer within a few seconds: a black-holed one is judged when its
+        // own probe times out, while the proxy already serves.
+        let smtp_servers: Vec<_> = registry.servers(Protocol::Smtp).cloned().collect();
+        let probe_timeout = backends.probe_timeout();
+        if !probe::first_round(
+            Arc::clone(&backends),
+            smtp_servers,
+            probe_timeout,
+            STARTUP_PROBE_WAIT,
+        )
+        .await
+        {
+            tracing::warn!(
+                wait_secs = STARTUP_PROBE_WAIT.as_secs(),
+                "some backend servers have not answered their first health probe; serving without waiting for them"
+            );
+        }
         let (shutdown, shutdown_rx) = shutdown::channel();
         let limits = ConnLimits::new(
             smtp.limits.max_connections,
             smtp.limits.max_connections_per_ip,
         );
         let traffic = Arc::new(crate::traffic::Traffic::default());
+        // Every installed table, whoever installed it, registers its recipients' meters
+        // before traffic needs them (the hot path then finds them without a lock).
+        let mut installed = router.subscribe();
+        traffic.register_table(Protocol::Smtp, &installed.borrow_and_update());
+        let (meters, mut stop_meters) = (Arc::clone(&traffic), shutdown_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = installed.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let table = Arc::clone(&installed.borrow_and_update());
+                        meters.register_table(Protocol::Smtp, &table);
+                    }
+                    () = stop_meters.signalled() => return,
+                }
+            }
+        });
         // Opened before the listeners: what a crash left acknowledged is delivered first.
         let spool =
             crate::smtp::spool::Spool::open(config.spool.clone()).map_err(AppError::Spool)?;
@@ -214,7 +263,7 @@ impl Running {
             control: Arc::clone(&control),
             spool: Arc::clone(&spool),
             traffic,
-            backends: Arc::clone(&backends),
+            upstream: Arc::clone(&registry),
             token,
             public_status: config.admin.public_status,
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -235,6 +284,7 @@ impl Running {
             spool,
             control,
             backends,
+            registry,
             smtp_addrs,
             admin_addr,
             limits,

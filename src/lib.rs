@@ -29,3 +29,4 @@ pub mod net;
 pub mod route;
 pub mod smtp;
 pub mod traffic;
+pub mod upstream;

@@ -1,9 +1,22 @@
-//! Recent traffic per target and site, for the status page: accepted recipients per minute
-//! over the last half hour, kept in memory (Prometheus has the long-term counters).
+//! Recent traffic per protocol, target and site, for the status page (accepted recipients
+//! per minute over the last half hour, kept in memory; Prometheus has the long-term
+//! counters), and the per-recipient counter handles of `/metrics`.
+//!
+//! The hot path takes no lock: each (protocol, target, site) has a [`Meter`] — atomic
+//! per-minute slots and its counter handles, registered once — found in a map that is
+//! read through `arc-swap` and only copied when a new key appears. Every installed table
+//! registers its targets and sites ahead of traffic ([`Traffic::register_table`]), so a
+//! recipient normally finds its meter ready.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
+
+use crate::route::RoutingTable;
+use crate::upstream::Protocol;
 
 /// Minutes shown.
 pub const MINUTES: usize = 30;
@@ -13,26 +26,121 @@ pub type PerTarget = BTreeMap<String, Vec<u64>>;
 /// Per (target, site), recipients over the window.
 pub type PerSite = BTreeMap<(String, String), u64>;
 
-type Rings = BTreeMap<String, BTreeMap<String, [Slot; MINUTES]>>;
+/// The `result` words of `coexist_smtp_recipients_total`, in the order of a meter's
+/// counter handles.
+pub const RCPT_RESULTS: [&str; 6] = [
+    "accepted",
+    "tempfail",
+    "rejected",
+    "deferred",
+    "unknown",
+    "relay_denied",
+];
 
-#[derive(Clone, Copy, Default)]
-struct Slot {
-    minute: u64,
-    count: u64,
+/// A slot packs the minute it counts (high bits) and the count (low bits), so that
+/// moving to a new minute and counting are one atomic step.
+const COUNT_BITS: u32 = 40;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+const MINUTE_MASK: u64 = (1 << (64 - COUNT_BITS)) - 1;
+
+/// One (protocol, target, site): its minute slots and its counter handles.
+pub struct Meter {
+    target: Box<str>,
+    site: Box<str>,
+    /// Indexed by minute modulo MINUTES.
+    slots: [AtomicU64; MINUTES],
+    /// Registered on first use: a series appears in `/metrics` once it happened.
+    counters: [OnceLock<metrics::Counter>; RCPT_RESULTS.len()],
 }
+
+impl Meter {
+    fn new(target: &str, site: &str) -> Self {
+        Self {
+            target: target.into(),
+            site: site.into(),
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            counters: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// Counts one recipient in `coexist_smtp_recipients_total` with `result`, one of
+    /// [`RCPT_RESULTS`].
+    pub fn count(&self, result: &'static str) {
+        let Some(i) = RCPT_RESULTS.iter().position(|r| *r == result) else {
+            debug_assert!(false, "unknown result word {result}");
+            return;
+        };
+        self.counters[i]
+            .get_or_init(|| {
+                metrics::counter!(
+                    crate::metric_names::SMTP_RECIPIENTS,
+                    "target" => self.target.to_string(),
+                    "site" => self.site.to_string(),
+                    "result" => result
+                )
+            })
+            .increment(1);
+    }
+
+    /// Counts one accepted recipient (or request) in the current minute.
+    fn record(&self, minute: u64) {
+        let minute = minute & MINUTE_MASK;
+        let slot = &self.slots[(minute % MINUTES as u64) as usize];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let next = if cur >> COUNT_BITS == minute {
+                cur + 1
+            } else {
+                (minute << COUNT_BITS) | 1
+            };
+            match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The count of `minute`, 0 when its slot holds another minute.
+    fn count_of(&self, minute: u64) -> u64 {
+        let v = self.slots[(minute % MINUTES as u64) as usize].load(Ordering::Relaxed);
+        if v >> COUNT_BITS == minute & MINUTE_MASK {
+            v & COUNT_MASK
+        } else {
+            0
+        }
+    }
+}
+
+type Hasher = foldhash::fast::RandomState;
+/// target → site → meter, per protocol. Nested so that a lookup by `&str` allocates nothing.
+type Sites = HashMap<Box<str>, Arc<Meter>, Hasher>;
+type Meters = [HashMap<Box<str>, Sites, Hasher>; 2];
+
+fn slot_of(p: Protocol) -> usize {
+    match p {
+        Protocol::Smtp => 0,
+        Protocol::Https => 1,
+    }
+}
+
+/// Tables with more (target, site) pairs than this register their meters on first use
+/// instead of all at once.
+const MAX_PREREGISTERED: usize = 10_000;
 
 pub struct Traffic {
     started: Instant,
-    /// target → site → a ring of per-minute counts, indexed by minute modulo MINUTES.
-    /// Nested so that counting a recipient looks keys up by `&str`, allocating nothing.
-    rings: Mutex<Rings>,
+    meters: ArcSwap<Meters>,
+    /// Serialises the copy-and-swap of `meters` when a key is new (never on the hot path
+    /// once the key exists).
+    grow: Mutex<()>,
 }
 
 impl Default for Traffic {
     fn default() -> Self {
         Self {
             started: Instant::now(),
-            rings: Mutex::new(BTreeMap::new()),
+            meters: ArcSwap::from_pointee(Meters::default()),
+            grow: Mutex::new(()),
         }
     }
 }
@@ -42,63 +150,102 @@ impl Traffic {
         self.started.elapsed().as_secs() / 60
     }
 
-    fn rings(&self) -> std::sync::MutexGuard<'_, Rings> {
-        self.rings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Counts one recipient accepted for `target` in `site` (`-` when it has none).
-    pub fn record(&self, target: &str, site: &str) {
-        let now = self.minute();
-        let mut rings = self.rings();
-        let sites = match rings.get_mut(target) {
-            Some(s) => s,
-            None => rings.entry(target.to_string()).or_default(),
-        };
-        let ring = match sites.get_mut(site) {
-            Some(r) => r,
-            None => sites
-                .entry(site.to_string())
-                .or_insert([Slot::default(); MINUTES]),
-        };
-        let slot = &mut ring[(now % MINUTES as u64) as usize];
-        if slot.minute != now {
-            *slot = Slot {
-                minute: now,
-                count: 0,
-            };
+    /// The meter of (protocol, target, site); `-` is the site of recipients without one.
+    pub fn meter(&self, protocol: Protocol, target: &str, site: &str) -> Arc<Meter> {
+        if let Some(m) = self.meters.load()[slot_of(protocol)]
+            .get(target)
+            .and_then(|s| s.get(site))
+        {
+            return Arc::clone(m);
         }
-        slot.count += 1;
+        self.insert(protocol, &[(target, site)]);
+        let all = self.meters.load();
+        // Just inserted; meters are never removed.
+        all[slot_of(protocol)]
+            .get(target)
+            .and_then(|s| s.get(site))
+            .map_or_else(|| Arc::new(Meter::new(target, site)), Arc::clone)
     }
 
-    /// Per target: counts for the last MINUTES minutes, oldest first; and per (target, site)
-    /// the total over that window.
-    pub fn snapshot(&self) -> (PerTarget, PerSite) {
+    /// Adds meters for the keys that have none, in one copy of the map.
+    fn insert(&self, protocol: Protocol, keys: &[(&str, &str)]) {
+        let _one_writer = self
+            .grow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.meters.load_full();
+        let p = slot_of(protocol);
+        let missing: Vec<_> = keys
+            .iter()
+            .filter(|(t, s)| current[p].get(*t).is_none_or(|m| !m.contains_key(*s)))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let mut next: Meters = (*current).clone();
+        for (t, s) in missing {
+            next[p]
+                .entry((*t).into())
+                .or_default()
+                .entry((*s).into())
+                .or_insert_with(|| Arc::new(Meter::new(t, s)));
+        }
+        self.meters.store(Arc::new(next));
+    }
+
+    /// Registers a meter for every target and site of `table` (and each target's `-`),
+    /// before the table serves: its recipients then count without taking any lock.
+    pub fn register_table(&self, protocol: Protocol, table: &RoutingTable) {
+        let targets: Vec<&str> = table.target_names().collect();
+        let sites: Vec<&str> = table
+            .sites()
+            .map(|s| s.name)
+            .chain(std::iter::once("-"))
+            .collect();
+        if targets.len() * sites.len() > MAX_PREREGISTERED {
+            return;
+        }
+        let keys: Vec<(&str, &str)> = targets
+            .iter()
+            .flat_map(|t| sites.iter().map(move |s| (*t, *s)))
+            .collect();
+        self.insert(protocol, &keys);
+    }
+
+    /// Counts one accepted recipient (or request) for `target` in `site`.
+    pub fn record(&self, meter: &Meter) {
+        meter.record(self.minute());
+    }
+
+    /// For `protocol`, per target: counts for the last MINUTES minutes, oldest first; and
+    /// per (target, site) the total over that window. Targets and sites that had no
+    /// traffic in the window are left out.
+    pub fn snapshot(&self, protocol: Protocol) -> (PerTarget, PerSite) {
         let now = self.minute();
         let mut per_target = PerTarget::new();
-        let mut per_site = BTreeMap::new();
-        let rings = self.rings();
-        for (target, site, ring) in rings
-            .iter()
-            .flat_map(|(t, sites)| sites.iter().map(move |(s, r)| (t, s, r)))
-        {
-            let series = per_target
-                .entry(target.clone())
-                .or_insert_with(|| vec![0; MINUTES]);
+        let mut per_site = PerSite::new();
+        let all = self.meters.load();
+        for m in all[slot_of(protocol)].values().flat_map(HashMap::values) {
+            let mut series = vec![0; MINUTES];
             let mut total = 0;
             for (i, v) in series.iter_mut().enumerate() {
                 // Position i shows the minute `MINUTES - 1 - i` minutes ago.
                 let Some(minute) = now.checked_sub((MINUTES - 1 - i) as u64) else {
                     continue; // before the proxy started
                 };
-                let slot = ring[(minute % MINUTES as u64) as usize];
-                if slot.minute == minute {
-                    *v += slot.count;
-                    total += slot.count;
-                }
+                *v = m.count_of(minute);
+                total += *v;
             }
-            per_site.insert((target.clone(), site.clone()), total);
+            if total == 0 {
+                continue;
+            }
+            let t = per_target
+                .entry(m.target.to_string())
+                .or_insert_with(|| vec![0; MINUTES]);
+            for (a, b) in t.iter_mut().zip(&series) {
+                *a += b;
+            }
+            per_site.insert((m.target.to_string(), m.site.to_string()), total);
         }
         (per_target, per_site)
     }
@@ -111,12 +258,71 @@ mod tests {
     #[test]
     fn counts_land_in_the_current_minute() {
         let t = Traffic::default();
-        t.record("new", "paris");
-        t.record("new", "paris");
-        t.record("old", "berlin");
-        let (per_target, per_site) = t.snapshot();
+        let paris = t.meter(Protocol::Smtp, "new", "paris");
+        t.record(&paris);
+        t.record(&t.meter(Protocol::Smtp, "new", "paris"));
+        t.record(&t.meter(Protocol::Smtp, "old", "berlin"));
+        let (per_target, per_site) = t.snapshot(Protocol::Smtp);
         assert_eq!(per_target["new"].last(), Some(&2));
         assert_eq!(per_target["old"].iter().sum::<u64>(), 1);
         assert_eq!(per_site[&("new".to_string(), "paris".to_string())], 2);
+        // Per protocol.
+        assert!(t.snapshot(Protocol::Https).0.is_empty());
+        t.record(&t.meter(Protocol::Https, "new", "paris"));
+        assert_eq!(t.snapshot(Protocol::Https).0["new"].last(), Some(&1));
+        assert_eq!(t.snapshot(Protocol::Smtp).0["new"].last(), Some(&2));
+    }
+
+    #[test]
+    fn a_slot_restarts_when_its_minute_comes_round_again() {
+        let m = Meter::new("old", "-");
+        m.record(3);
+        m.record(3);
+        assert_eq!(m.count_of(3), 2);
+        // Minute 33 shares minute 3's slot: it starts from 1, and minute 3 reads 0.
+        m.record(33);
+        assert_eq!(m.count_of(33), 1);
+        assert_eq!(m.count_of(3), 0);
+    }
+
+    #[test]
+    fn concurrent_counts_are_all_kept() {
+        let m = Arc::new(Meter::new("old", "-"));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = Arc::clone(&m);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        m.record(7);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(m.count_of(7), 40_000);
+    }
+
+    #[test]
+    fn a_table_registers_its_meters_ahead() {
+        let known = crate::route::KnownTargets::Exactly(vec!["old".into(), "new".into()]);
+        let table = crate::route::load_routes_text(
+            std::path::Path::new("r.toml"),
+            "[domains.\"example.com\"]\nunknown = \"old\"\n[sites.paris]\nowner = \"new\"\n\
+             [[mailbox]]\naddress = \"a@example.com\"\nsite = \"paris\"\n",
+            &known,
+        )
+        .unwrap();
+        let t = Traffic::default();
+        t.register_table(Protocol::Smtp, &table);
+        let before = t.meters.load_full();
+        let m = t.meter(Protocol::Smtp, "new", "paris");
+        let _ = t.meter(Protocol::Smtp, "old", "-");
+        assert!(
+            Arc::ptr_eq(&before, &t.meters.load_full()),
+            "a registered key must not copy the map"
+        );
+        assert!(Arc::ptr_eq(&m, &t.meter(Protocol::Smtp, "new", "paris")));
     }
 }

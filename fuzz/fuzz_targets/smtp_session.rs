@@ -12,6 +12,7 @@ use coexist::route::{KnownTargets, Router, load_routes_text};
 use coexist::smtp::backend::{BackendSettings, Backends};
 use coexist::smtp::io::Conn;
 use coexist::smtp::session::{Session, SessionCtx};
+use coexist::upstream::{Registry, Thresholds};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -60,7 +61,9 @@ fn world() -> &'static World {
             &KnownTargets::Exactly(vec!["old".into(), "new".into()]),
         )
         .expect("valid sample");
-        let backends = Backends::new(&targets, BackendSettings::default()).expect("backends");
+        let registry = Arc::new(Registry::new(&targets, Thresholds::default()));
+        let backends =
+            Backends::new(&targets, BackendSettings::default(), registry).expect("backends");
         let limits = SmtpLimits {
             command_timeout: Duration::from_millis(200),
             data_timeout: Duration::from_millis(200),

@@ -81,12 +81,13 @@ pub fn svg(mut per_target: PerTarget, targets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::Protocol;
 
     #[test]
     fn chart_has_a_line_per_target() {
         let t = crate::traffic::Traffic::default();
-        t.record("new", "paris");
-        let svg = svg(t.snapshot().0, &["old", "new"]);
+        t.record(&t.meter(Protocol::Smtp, "new", "paris"));
+        let svg = svg(t.snapshot(Protocol::Smtp).0, &["old", "new"]);
         assert!(svg.starts_with("<svg") && svg.contains("polyline") && svg.contains(">new<"));
         assert!(svg.contains(">old<"));
     }

@@ -27,7 +27,7 @@ pub mod chart;
 use crate::control::{Change, Control, ControlError};
 use crate::net::Shutdown;
 use crate::route::explain;
-use crate::smtp::backend::Backends;
+use crate::upstream::{Protocol, Registry};
 
 /// Largest request body accepted (cutover and rollback bodies are tiny).
 const MAX_BODY: usize = 64 * 1024;
@@ -56,7 +56,7 @@ pub struct AdminCtx {
     pub control: Arc<Control>,
     pub spool: Arc<crate::smtp::spool::Spool>,
     pub traffic: Arc<crate::traffic::Traffic>,
-    pub backends: Arc<Backends>,
+    pub upstream: Arc<Registry>,
     pub token: Option<String>,
     /// The read-only pages answer without the token (`[admin] public_status`).
     pub public_status: bool,
@@ -512,7 +512,7 @@ fn unix(t: SystemTime) -> u64 {
 pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
     let t = ctx.control.router().snapshot();
     let progress = ctx.progress(&t);
-    let (per_target, per_site) = ctx.traffic.snapshot();
+    let (per_target, per_site) = ctx.traffic.snapshot(Protocol::Smtp);
     let sites: Vec<Value> = t
         .sites()
         .map(|s| {
@@ -544,15 +544,27 @@ pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
         .filter(|_| full)
         .map(|(a, site, owner)| json!({"address": a, "site": site, "owner": owner}))
         .collect();
+    // Health as the upstream registry holds it (probes and the data path alike); HTTPS
+    // servers join once something probes them.
     let targets: Vec<Value> = ctx
-        .backends
-        .targets
+        .upstream
+        .targets()
         .iter()
         .map(|tg| {
-            json!({
-                "name": tg.name,
-                "smtp": tg.servers.iter().map(|s| json!({"server": s.addr, "up": s.is_up()})).collect::<Vec<_>>(),
-            })
+            let smtp: Vec<Value> = tg
+                .smtp
+                .iter()
+                .map(|s| {
+                    let h = s.health.view();
+                    json!({
+                        "server": s.addr,
+                        "up": h.up,
+                        "failures": h.failures,
+                        "last_error": h.last_error,
+                    })
+                })
+                .collect();
+            json!({ "name": &*tg.name, "smtp": smtp })
         })
         .collect();
     json!({
@@ -631,7 +643,7 @@ fn split_cell(h: &mut String, kind: &str, parts: &[(&str, u64)]) {
 fn status_page(ctx: &AdminCtx, full: bool) -> String {
     let t = ctx.control.router().snapshot();
     let progress = ctx.progress(&t);
-    let (_, per_site) = ctx.traffic.snapshot();
+    let (_, per_site) = ctx.traffic.snapshot(Protocol::Smtp);
     let targets: Vec<&str> = t.target_names().collect();
     let mut h = String::new();
     let _ = write!(
@@ -703,7 +715,10 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
     h.push_str(
         "<h2>Traffic</h2><p>Recipients accepted per minute, per target, last 30 minutes.</p>",
     );
-    h.push_str(&chart::svg(ctx.traffic.snapshot().0, &targets));
+    h.push_str(&chart::svg(
+        ctx.traffic.snapshot(Protocol::Smtp).0,
+        &targets,
+    ));
     h.push_str("<table><tr><th>target</th><th>site</th><th>recipients (30 min)</th></tr>");
     for ((target, site), n) in &per_site {
         let _ = write!(
@@ -714,8 +729,8 @@ fn status_page(ctx: &AdminCtx, full: bool) -> String {
         );
     }
     h.push_str("</table><h2>Targets</h2><table><tr><th>target</th><th>SMTP server</th><th>health</th></tr>");
-    for tg in &ctx.backends.targets {
-        for s in &tg.servers {
+    for tg in ctx.upstream.targets() {
+        for s in &tg.smtp {
             let (class, word) = if s.is_up() {
                 ("up", "up")
             } else {

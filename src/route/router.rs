@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
 
 use super::table::{RoutingTable, Version};
 
@@ -48,6 +49,10 @@ pub struct Router {
     active: ArcSwap<RoutingTable>,
     /// Serialises writers; readers never take it.
     state: Mutex<State>,
+    /// Every installed table, in install order, whoever installed it (reload, cutover,
+    /// rollback, a later shared source): what reacts to a swap — metrics, the HTTPS drain
+    /// of long-lived requests — subscribes here instead of being called by each writer.
+    installed: watch::Sender<Arc<RoutingTable>>,
 }
 
 impl Router {
@@ -68,6 +73,7 @@ impl Router {
         let table = Arc::new(table);
         Self {
             active: ArcSwap::new(Arc::clone(&table)),
+            installed: watch::Sender::new(Arc::clone(&table)),
             state: Mutex::new(State {
                 history: VecDeque::from([table]),
                 previous: Vec::new(),
@@ -103,6 +109,8 @@ impl Router {
         let table = Arc::new(table);
         st.history.push_back(Arc::clone(&table));
         let previous = self.active.swap(Arc::clone(&table));
+        // Published under the writers' lock, so subscribers see installs in their order.
+        self.installed.send_replace(Arc::clone(&table));
         st.previous.push(Arc::clone(&previous));
         Self::trim(&mut st, &table);
         Swapped {
@@ -175,6 +183,7 @@ impl Router {
             }
         }
         let previous = self.active.swap(Arc::clone(&target));
+        self.installed.send_replace(Arc::clone(&target));
         // A version that is active again must be kept even if it had aged out.
         if !st.history.iter().any(|t| Arc::ptr_eq(t, &target)) {
             st.history.push_back(Arc::clone(&target));
@@ -185,6 +194,13 @@ impl Router {
             previous,
             active: target,
         })
+    }
+
+    /// A receiver of every table installed from now on (its current value is the active
+    /// table). A slow subscriber sees the latest install, not each one: a swap listener
+    /// compares with the table it last acted on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
+        self.installed.subscribe()
     }
 
     /// Kept versions, newest first.
@@ -224,6 +240,28 @@ mod tests {
             crate::route::Route::Mailbox(m) => m.owner_name().to_string(),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn every_install_is_published() {
+        let r = Router::new(table("old"), 10);
+        let mut rx = r.subscribe();
+        assert_eq!(rx.borrow_and_update().version().seq, 1);
+        assert!(!rx.has_changed().unwrap());
+        r.swap(table("new"));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().version().seq, 2);
+        r.rollback(None).unwrap();
+        let t = Arc::clone(&rx.borrow_and_update());
+        assert_eq!(t.version().seq, 1);
+        assert!(Arc::ptr_eq(&t, &r.snapshot()));
+        // A slow subscriber sees the latest install.
+        r.swap(table("new"));
+        r.swap(table("old"));
+        assert_eq!(rx.borrow_and_update().version().seq, 4);
+        // A rejected rollback publishes nothing.
+        assert!(r.rollback(Some("4")).is_err());
+        assert!(!rx.has_changed().unwrap());
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! that target starts with MAIL FROM.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,8 @@ use crate::config::{SmtpTlsMode, TargetConfig};
 use crate::net::proxy_protocol::proxy_v2_header;
 use crate::net::resolve::Resolver;
 use crate::net::tls;
+use crate::route::{RoutingTable, TargetId};
+use crate::upstream::{self, Prober, Protocol, Registry, probe};
 
 /// Longest reply line and most lines accepted from a backend.
 const MAX_REPLY_LINE: usize = 4096;
@@ -68,39 +69,37 @@ impl Default for BackendSettings {
     }
 }
 
-/// One server of a target.
+/// One SMTP server of a target: its health (shared with the admin API through the
+/// upstream registry), what it supports, and its idle connections.
 pub struct Server {
     pub addr: String,
-    target: String,
-    up: AtomicBool,
+    pub health: Arc<upstream::Server>,
     caps: Mutex<Option<Caps>>,
     idle: Mutex<Vec<(BackendConn, Instant)>>,
 }
 
 impl Server {
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.health.is_up()
     }
 
     pub fn caps(&self) -> Option<Caps> {
         lock(&self.caps).clone()
     }
 
-    fn set_up(&self, up: bool, why: &str) {
-        let was = self.up.swap(up, Ordering::Relaxed);
-        if was != up {
-            if up {
-                tracing::info!(server = %self.addr, "backend server up");
-            } else {
-                tracing::warn!(server = %self.addr, reason = why, "backend server down");
-            }
+    /// Drops idle connections past their time (closed here, off the hot path).
+    async fn expire_idle(&self, keep: Duration) {
+        let expired: Vec<_> = {
+            let mut idle = lock(&self.idle);
+            let (old, fresh): (Vec<_>, Vec<_>) = idle
+                .drain(..)
+                .partition(|(_, since)| since.elapsed() >= keep);
+            *idle = fresh;
+            old
+        };
+        for (mut c, _) in expired {
+            c.quit().await;
         }
-        metrics::gauge!(
-            crate::metric_names::BACKEND_UP,
-            "target" => self.target.clone(),
-            "server" => self.addr.clone()
-        )
-        .set(f64::from(u8::from(up)));
     }
 }
 
@@ -127,28 +126,33 @@ impl Target {
     }
 }
 
-/// All targets' SMTP servers.
+/// All targets' SMTP servers, in the upstream registry's order (so a routing table's
+/// target id finds its target by index).
 pub struct Backends {
     pub targets: Vec<Arc<Target>>,
     pub settings: BackendSettings,
+    pub registry: Arc<Registry>,
     resolver: Resolver,
 }
 
 impl Backends {
-    pub fn new(targets: &[TargetConfig], settings: BackendSettings) -> Result<Self, tls::TlsError> {
+    /// `targets` must be the config the registry was built from.
+    pub fn new(
+        targets: &[TargetConfig],
+        settings: BackendSettings,
+        registry: Arc<Registry>,
+    ) -> Result<Self, tls::TlsError> {
         let mut out = Vec::new();
-        for t in targets {
+        for (t, up) in targets.iter().zip(registry.targets()) {
             out.push(Arc::new(Target {
                 name: t.name.clone(),
-                servers: t
+                servers: up
                     .smtp
                     .iter()
-                    .map(|addr| {
+                    .map(|health| {
                         Arc::new(Server {
-                            addr: addr.clone(),
-                            target: t.name.clone(),
-                            // Optimistic until a probe or a connection says otherwise.
-                            up: AtomicBool::new(true),
+                            addr: health.addr.clone(),
+                            health: Arc::clone(health),
                             caps: Mutex::new(None),
                             idle: Mutex::new(Vec::new()),
                         })
@@ -164,12 +168,19 @@ impl Backends {
         Ok(Self {
             targets: out,
             settings,
+            registry,
             resolver,
         })
     }
 
+    /// The target of that name (the spool's entries and logins name targets).
     pub fn target(&self, name: &str) -> Option<&Arc<Target>> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// The target a routing table names by id: an index, not a search.
+    pub fn target_of(&self, table: &RoutingTable, id: TargetId) -> Option<&Arc<Target>> {
+        self.targets.get(self.registry.index_of(table, id)?)
     }
 
     /// A connection ready for MAIL FROM: an idle one if any (`reused` set, so the caller
@@ -205,11 +216,11 @@ impl Backends {
         for s in order {
             match self.connect(target, s, client).await {
                 Ok(c) => {
-                    s.set_up(true, "");
+                    s.health.observe(Ok(()));
                     return Ok(c);
                 }
                 Err(e) => {
-                    s.set_up(false, &e.to_string());
+                    s.health.observe(Err(&e.to_string()));
                     last = e;
                 }
             }
@@ -338,32 +349,45 @@ impl Backends {
         Ok(c)
     }
 
-    /// Probes every server once (EHLO, QUIT) and records up/down and capabilities.
+    /// Probes every server once, concurrently (EHLO, QUIT: up/down and capabilities),
+    /// then closes idle connections past their time.
     pub async fn probe_all(&self) {
+        let servers: Vec<_> = self.registry.servers(Protocol::Smtp).cloned().collect();
+        probe::probe_all(self, &servers, self.probe_timeout()).await;
+        self.expire_idle().await;
+    }
+
+    /// A probe's whole conversation: a server that accepts and then says nothing is down
+    /// after this, not after the command timeout.
+    pub fn probe_timeout(&self) -> Duration {
+        self.settings.connect_timeout.min(PROBE_TIMEOUT)
+    }
+
+    pub async fn expire_idle(&self) {
         for t in &self.targets {
             for s in &t.servers {
-                match self.connect(t, s, None).await {
-                    Ok(mut c) => {
-                        s.set_up(true, "");
-                        c.quit().await;
-                    }
-                    Err(e) => s.set_up(false, &e.to_string()),
-                }
-                // Idle connections past their time are closed here, not on the hot path.
-                let expired: Vec<_> = {
-                    let mut idle = lock(&s.idle);
-                    let keep = self.settings.idle_timeout;
-                    let (old, fresh): (Vec<_>, Vec<_>) = idle
-                        .drain(..)
-                        .partition(|(_, since)| since.elapsed() >= keep);
-                    *idle = fresh;
-                    old
-                };
-                for (mut c, _) in expired {
-                    c.quit().await;
-                }
+                s.expire_idle(self.settings.idle_timeout).await;
             }
         }
+    }
+}
+
+/// The longest a health probe may take, greeting to QUIT.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Prober for Backends {
+    async fn probe(&self, server: &upstream::Server) -> Result<(), String> {
+        let target = self
+            .targets
+            .get(server.target_index)
+            .ok_or("no such target")?;
+        let s = target.servers.get(server.index).ok_or("no such server")?;
+        let mut c = self
+            .connect(target, s, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        c.quit().await;
+        Ok(())
     }
 }
 

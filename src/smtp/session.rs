@@ -29,6 +29,7 @@ use crate::config::{ListenerMode, MixedRecipients, SmtpLimits};
 use crate::date::rfc5322_date;
 use crate::net::{Accepted, Handler, Shutdown, Stream};
 use crate::route::{Route, Router, RoutingTable};
+use crate::upstream::Protocol;
 
 /// RFC 5321 §4.5.3.1.4 says 512; 1000 leaves room for extension parameters.
 const MAX_COMMAND_LINE: usize = 1000;
@@ -694,7 +695,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         count_rcpt(&target.name, &site, result);
         if reply.is_positive() {
-            self.ctx.traffic.record(&target.name, &site);
+            let traffic = &self.ctx.traffic;
+            traffic.record(&traffic.meter(Protocol::Smtp, &target.name, &site));
         }
         log_rcpt(
             self.peer,

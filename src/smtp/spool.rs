@@ -431,7 +431,19 @@ impl Spool {
     ) {
         let mut kick = self.kick.subscribe();
         loop {
-            for e in self.list().into_iter().filter(|e| e.next_attempt <= now()) {
+            // Listing reads and parses every entry: blocking file work, off the runtime.
+            let spool = Arc::clone(&self);
+            let due = tokio::task::spawn_blocking(move || {
+                let t = now();
+                spool
+                    .list()
+                    .into_iter()
+                    .filter(|e| e.next_attempt <= t)
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for e in due {
                 self.attempt(e, &router, &backends).await;
             }
             tokio::select! {
@@ -443,13 +455,14 @@ impl Spool {
     }
 
     /// One delivery attempt: each recipient to its owner in the table of now.
-    async fn attempt(&self, mut e: Entry, router: &Router, backends: &Backends) {
+    async fn attempt(self: &Arc<Self>, mut e: Entry, router: &Router, backends: &Backends) {
         let eml = self.queue_dir().join(format!("{}.eml", e.id));
         let content = match tokio::fs::read(&eml).await {
             Ok(c) => c,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(id = %e.id, "spooled content missing; dropping the entry");
-                let _ = self.delete(&e.id);
+                let spool = Arc::clone(self);
+                let _ = tokio::task::spawn_blocking(move || spool.delete(&e.id)).await;
                 return;
             }
             Err(err) => {
@@ -520,6 +533,24 @@ impl Spool {
             }
         }
         e.attempts += 1;
+        // Bookkeeping writes and fsyncs entries and DSNs: blocking work, off the runtime.
+        let spool = Arc::clone(self);
+        let _ = tokio::task::spawn_blocking(move || {
+            spool.settle(&e, remaining, bounced, &errors, &content);
+        })
+        .await;
+    }
+
+    /// Records what an attempt left: expired recipients and refusals become a DSN, the
+    /// rest stays with a new retry time; an entry with no recipient left is deleted.
+    fn settle(
+        &self,
+        e: &Entry,
+        mut remaining: Vec<SpooledRcpt>,
+        mut bounced: Vec<(SpooledRcpt, String)>,
+        errors: &[String],
+        content: &[u8],
+    ) {
         let expired = !remaining.is_empty()
             && now().saturating_sub(e.created) > self.settings.max_age.as_secs();
         if expired {
@@ -535,7 +566,7 @@ impl Spool {
         // A DSN that cannot be queued keeps its recipients in the entry: tried again later.
         let mut keep: Vec<SpooledRcpt> = Vec::new();
         if !bounced.is_empty()
-            && let Err(err) = self.bounce_now(&e, &bounced, &content)
+            && let Err(err) = self.bounce_now(e, &bounced, content)
         {
             tracing::error!(id = %e.id, error = %err, "cannot queue a DSN; keeping the recipients");
             keep.extend(bounced.iter().map(|(r, _)| r.clone()));
