@@ -3,19 +3,31 @@
 //! During a migration both mail systems (the *targets*, e.g. `old` and `new`) run side by
 //! side and coexist sends each mailbox's traffic to whichever side owns it right now.
 //!
-//! The data flow, and where each part lives:
+//! The data flow:
 //!
 //! ```text
-//! config/  coexist.toml ─► Config (validated, file:line errors)
-//! route/   routes.toml + CSV ─► TableBuilder ─► RoutingTable (immutable, versioned)
-//!                                                  │
-//!          Router (one ArcSwap + history) ◄────────┘  swap / rollback, diff
-//!                 │ snapshot() per transaction
-//!          client ─► listener ─► session ─► lookup(recipient) ─► owner target's server
+//! client ─► net::listener (caps, TLS) ─► smtp::session ─► route lookup ─► upstream target
+//!                                         (https, next)      │              └► its server
+//!           control (reload/cutover/rollback) ─► Router ─────┘ snapshot() per transaction
+//!                                                   └─ watch: every installed table ─► traffic, drain
+//! ```
+//!
+//! The layers, each importing only from those below it (no cycles):
+//!
+//! ```text
+//! app, demo          wire everything, own shutdown            (main.rs: the CLI on top)
+//! admin              admin API, /metrics, status page
+//! control            reload / cutover / rollback: files, history, swaps
+//! smtp               sessions, backend transactions and pool, spool  (https joins here)
+//! net, upstream      listeners, TLS, shutdown, resolver, PROXY v2 │ targets, servers, health
+//! traffic            lock-free per-target/site meters for the page and counters
+//! config, route      coexist.toml → Config │ routes → RoutingTable → Router
+//! diagnostics, date, metric_names   shared leaves
 //! ```
 //!
 //! The routing table is the foundation: every protocol front end (SMTP, HTTPS) only asks
-//! the router for a snapshot and calls `lookup*` on it.
+//! the router for a snapshot and calls `lookup*` on it; a protocol module never imports
+//! another protocol's.
 
 pub mod admin;
 pub mod app;
