@@ -27,7 +27,7 @@ use crate::diagnostics::{Diagnostics, LineIndex, one_line};
 use crate::route::KnownTargets;
 
 pub use admin::AdminConfig;
-pub use routes::RoutesConfig;
+pub use routes::{RouteSource, RoutesConfig};
 pub use smtp::{ListenerConfig, ListenerMode, MixedRecipients, SmtpConfig, SmtpLimits};
 pub use spool::SpoolSettings;
 pub use targets::{SmtpTlsMode, TargetConfig};
@@ -308,6 +308,7 @@ proxy_protocol = true
         let at = |p: &str| dir.path().join(p);
         assert_eq!(c.path, at("coexist.toml"));
 
+        assert_eq!(c.routes.source, RouteSource::File);
         assert_eq!(c.routes.path, at("tables/routes.toml"));
         assert_eq!(c.routes.seed, Some(at("seed/routes.toml")));
         assert_eq!(c.routes.history, 7);

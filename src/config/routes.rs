@@ -12,6 +12,8 @@ use crate::route::DEFAULT_HISTORY;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoutes {
+    /// A string, not a serde enum: an unsupported source gets our own message, which names
+    /// what is supported.
     #[serde(default)]
     source: Option<Spanned<String>>,
     #[serde(default)]
@@ -24,8 +26,16 @@ pub(super) struct RawRoutes {
     state_dir: Option<String>,
 }
 
+/// Where the routing table is read from (SPEC §3 `routes.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteSource {
+    /// `path`, a TOML file (with the CSV files it imports); the default.
+    File,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoutesConfig {
+    pub source: RouteSource,
     /// The routes file, resolved against the config file's directory.
     pub path: PathBuf,
     /// A routes file (with the CSV files it imports) copied to `path` when `path` does not
@@ -51,17 +61,19 @@ impl RoutesConfig {
 }
 
 pub(super) fn validate(raw: &RawRoutes, c: &mut Checker) -> RoutesConfig {
-    if let Some(s) = &raw.source
-        && s.get_ref() != "file"
-    {
-        c.err_at(
-            s,
-            format!(
-                "routes.source {:?} is not supported (supported: \"file\")",
-                s.get_ref()
-            ),
-        );
-    }
+    let source = match &raw.source {
+        None => RouteSource::File,
+        Some(s) => match s.get_ref().as_str() {
+            "file" => RouteSource::File,
+            other => {
+                c.err_at(
+                    s,
+                    format!("routes.source {other:?} is not supported (supported: \"file\")"),
+                );
+                RouteSource::File
+            }
+        },
+    };
     let history = match &raw.history {
         None => DEFAULT_HISTORY,
         Some(h) => {
@@ -72,6 +84,7 @@ pub(super) fn validate(raw: &RawRoutes, c: &mut Checker) -> RoutesConfig {
         }
     };
     RoutesConfig {
+        source,
         path: c.path(
             raw.path
                 .as_ref()
@@ -86,11 +99,14 @@ pub(super) fn validate(raw: &RawRoutes, c: &mut Checker) -> RoutesConfig {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{MINIMAL, errors, load};
+    use super::*;
 
     #[test]
-    fn file_is_the_only_source() {
+    fn file_is_the_default_and_the_only_source() {
+        let (_d, c) = load(MINIMAL);
+        assert_eq!(c.expect("loads").routes.source, RouteSource::File);
         let (_d, c) = load(&format!("[routes]\nsource = \"file\"\n{MINIMAL}"));
-        assert!(c.is_ok());
+        assert_eq!(c.expect("loads").routes.source, RouteSource::File);
         assert_eq!(
             errors(&format!("[routes]\nsource = \"etcd\"\n{MINIMAL}")),
             [(
