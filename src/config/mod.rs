@@ -2,14 +2,15 @@
 //!
 //! One file per section, each with its raw layer (serde, `deny_unknown_fields`, `Spanned`
 //! for line numbers) apart from the validation that turns it into typed values:
-//! `routes.rs`, `admin.rs`, `targets.rs`, `smtp.rs`, `spool.rs`. This file reads and parses
-//! the file, hands each section its raw part and collects the problems.
+//! `routes.rs`, `admin.rs`, `targets.rs`, `smtp.rs`, `https.rs`, `spool.rs`. This file reads
+//! and parses the file, hands each section its raw part and collects the problems.
 //!
 //! Every problem is reported as `file:line: message`, all at once, like the routing table.
 //! Relative paths are resolved against the directory of the config file, so the proxy can
 //! be started from anywhere.
 
 mod admin;
+mod https;
 mod routes;
 mod smtp;
 mod spool;
@@ -27,6 +28,7 @@ use crate::diagnostics::{Diagnostics, LineIndex, one_line};
 use crate::route::KnownTargets;
 
 pub use admin::AdminConfig;
+pub use https::HttpsConfig;
 pub use routes::{RouteSource, RoutesConfig};
 pub use smtp::{ListenerConfig, ListenerMode, MixedRecipients, SmtpConfig, SmtpLimits};
 pub use spool::SpoolSettings;
@@ -47,14 +49,14 @@ struct RawConfig {
     #[serde(default)]
     smtp: Option<Spanned<smtp::RawSmtp>>,
     #[serde(default)]
-    https: Option<toml::Value>,
+    https: Option<https::RawHttps>,
     #[serde(default)]
     spool: spool::RawSpool,
     #[serde(default)]
     targets: IndexMap<String, Spanned<targets::RawTarget>>,
 }
 
-/// A certificate and its key, as `[smtp.tls]` names them.
+/// A certificate and its key, as `[smtp.tls]` and each `[[https.cert]]` name them.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTls {
@@ -69,6 +71,8 @@ pub struct Config {
     pub routes: RoutesConfig,
     pub admin: AdminConfig,
     pub smtp: SmtpConfig,
+    /// `[https]`, checked but not served yet: no HTTPS listener is built from it.
+    pub https: Option<HttpsConfig>,
     pub spool: SpoolSettings,
     pub targets: Vec<TargetConfig>,
 }
@@ -143,16 +147,10 @@ impl Config {
         let admin = admin::validate(raw.admin.as_ref(), &mut c);
         let targets = targets::validate(&raw.targets, &mut c);
         let smtp = smtp::validate(raw.smtp.as_ref(), &mut c);
-        // `[https]` is not typed yet: only its default_target is checked.
-        if let Some(h) = &raw.https
-            && let Some(dt) = h.get("default_target").and_then(toml::Value::as_str)
-            && !is_target(&targets, dt)
-        {
-            c.err(
-                0,
-                format!("https.default_target {dt:?} is not a configured target"),
-            );
-        }
+        let https = raw
+            .https
+            .as_ref()
+            .map(|h| https::validate(h, &targets, &mut c));
         let spool = spool::validate(&raw.spool, &smtp.hostname, &targets, &mut c);
 
         if !c.diags.is_empty() {
@@ -163,6 +161,7 @@ impl Config {
             routes,
             admin,
             smtp,
+            https,
             spool,
             targets,
         })
@@ -279,6 +278,16 @@ mode = "submissions"
 cert = "certs/mx.pem"
 key = "/etc/keys/mx.key"
 
+[https]
+listen = "0.0.0.0:443"
+default_target = "old"
+[[https.cert]]
+cert = "certs/mail.pem"
+key = "certs/mail.key"
+[[https.cert]]
+cert = "/etc/certs/autodiscover.pem"
+key = "/etc/certs/autodiscover.key"
+
 [spool]
 dir = "queue"
 max_age_hours = 48
@@ -350,6 +359,24 @@ proxy_protocol = true
         assert_eq!(l.backend_idle, Duration::from_secs(5));
         assert_eq!(l.backend_timeout, Some(Duration::from_secs(60)));
 
+        assert_eq!(
+            c.https,
+            Some(HttpsConfig {
+                listen: Some("0.0.0.0:443".parse().unwrap()),
+                default_target: Some("old".into()),
+                certs: vec![
+                    TlsFiles {
+                        cert: at("certs/mail.pem"),
+                        key: at("certs/mail.key"),
+                    },
+                    TlsFiles {
+                        cert: PathBuf::from("/etc/certs/autodiscover.pem"),
+                        key: PathBuf::from("/etc/certs/autodiscover.key"),
+                    },
+                ],
+            })
+        );
+
         assert_eq!(c.spool.dir, at("queue"));
         assert_eq!(c.spool.hostname, "mx.example.com");
         assert_eq!(c.spool.dsn_target.as_deref(), Some("new"));
@@ -385,9 +412,8 @@ proxy_protocol = true
             include_str!("../../config/installed/coexist.toml"),
         ] {
             let (_dir, loaded) = load(sample);
-            if let Err(d) = loaded {
-                panic!("{d}");
-            }
+            let c = loaded.unwrap_or_else(|d| panic!("{d}"));
+            assert!(c.https.is_none());
         }
     }
 
@@ -400,7 +426,7 @@ proxy_protocol = true
         );
         let lines: Vec<u32> = errs.iter().map(|e| e.0).collect();
         // Not sorted by line: routes, admin, targets, smtp, https, spool.
-        assert_eq!(lines, [2, 4, 10, 5, 0, 0], "{errs:#?}");
+        assert_eq!(lines, [2, 4, 10, 5, 7, 0], "{errs:#?}");
     }
 
     #[test]
