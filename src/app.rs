@@ -118,7 +118,11 @@ impl Running {
             settings.data_timeout = t;
             settings.final_timeout = t;
         }
-        let registry = Arc::new(Registry::new(&config.targets, Thresholds::default()));
+        let thresholds = Thresholds {
+            fall: smtp.limits.health_fall,
+            rise: smtp.limits.health_rise,
+        };
+        let registry = Arc::new(Registry::new(&config.targets, thresholds));
         let backends = Arc::new(Backends::new(
             &config.targets,
             settings,

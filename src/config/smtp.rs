@@ -37,6 +37,10 @@ pub(super) struct RawSmtp {
     #[serde(default)]
     health_interval_secs: Option<Spanned<u64>>,
     #[serde(default)]
+    health_fall: Option<Spanned<u64>>,
+    #[serde(default)]
+    health_rise: Option<Spanned<u64>>,
+    #[serde(default)]
     backend_idle_secs: Option<u64>,
     #[serde(default)]
     backend_timeout_secs: Option<u64>,
@@ -101,6 +105,10 @@ pub struct SmtpLimits {
     /// Waiting for the next DATA block from the client (§4.5.3.2.5: 3 minutes).
     pub data_timeout: Duration,
     pub health_interval: Duration,
+    /// Failures in a row (probes and connections) that take a server down.
+    pub health_fall: u32,
+    /// Successes in a row that bring it back up.
+    pub health_rise: u32,
     pub backend_idle: Duration,
     /// Waiting on a backend: each reply, each write, and the final reply after DATA
     /// (default: RFC 5321 §4.5.3.2's 5 minutes, 3 minutes per data block, 10 minutes).
@@ -119,6 +127,8 @@ impl Default for SmtpLimits {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             health_interval: Duration::from_secs(30),
+            health_fall: 2,
+            health_rise: 2,
             backend_idle: Duration::from_secs(30),
             backend_timeout: None,
         }
@@ -232,6 +242,14 @@ fn limits(s: &RawSmtp, c: &mut Checker) -> SmtpLimits {
             *dst = Duration::from_secs(secs);
         }
     }
+    for (v, name, dst) in [
+        (&s.health_fall, "health_fall", &mut limits.health_fall),
+        (&s.health_rise, "health_rise", &mut limits.health_rise),
+    ] {
+        if let Some(n) = positive(v.as_ref(), name, c) {
+            *dst = u32::try_from(n).unwrap_or(u32::MAX);
+        }
+    }
     // Zero would refuse everything: these are quietly at least 1.
     for (v, dst) in [
         (&s.max_recipients, &mut limits.max_recipients),
@@ -270,7 +288,20 @@ fn positive(v: Option<&Spanned<u64>>, name: &str, c: &mut Checker) -> Option<u64
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{MINIMAL, errors};
+    use super::super::tests::{MINIMAL, errors, load};
+
+    #[test]
+    fn health_thresholds() {
+        let (_dir, c) =
+            load(&MINIMAL.replace("[smtp]\n", "[smtp]\nhealth_fall = 3\nhealth_rise = 5\n"));
+        let limits = c.expect("valid").smtp.limits;
+        assert_eq!((limits.health_fall, limits.health_rise), (3, 5));
+        let (_dir, c) = load(MINIMAL);
+        let limits = c.expect("valid").smtp.limits;
+        assert_eq!((limits.health_fall, limits.health_rise), (2, 2));
+        let errs = errors(&MINIMAL.replace("[smtp]\n", "[smtp]\nhealth_rise = 0\n"));
+        assert_eq!(errs, [(2, "smtp.health_rise must be > 0".to_string())]);
+    }
 
     #[test]
     fn listener_problems_name_their_lines_in_order() {
