@@ -32,7 +32,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Some targets took the message and the others failed temporarily: the rest goes to
     /// the spool, durably, and the client may be told 250. `None` when that is not possible.
-    pub(super) async fn spool_rest(&mut self, accepted: &[(String, Reply)]) -> Option<Reply> {
+    pub(super) async fn spool_rest(&mut self) -> Option<Reply> {
         let txn = self.txn.as_mut()?;
         let spool = Arc::clone(self.ctx.spool.as_ref()?);
         let writer = txn.spool.take()?;
@@ -40,7 +40,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut refused = Vec::new();
         let mut why = Vec::new();
         for p in txn.parts.iter().filter(|p| !p.accepted.is_empty()) {
-            let Some(r) = &p.failed else { continue };
+            let Some(r) = p.progress.failure() else {
+                continue;
+            };
             why.push(format!("{}: {r}", p.target.name));
             for rc in &p.accepted {
                 let s = SpooledRcpt::from(rc);
@@ -65,7 +67,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(id) => {
                 tracing::info!(
                     id = ?id, queued = n, bounced,
-                    accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                    accepted = ?txn.taken_by(),
                     "split delivery: the rest is spooled or reported to the sender"
                 );
                 metrics::counter!(crate::metric_names::SMTP_SPOOLED).increment(1);

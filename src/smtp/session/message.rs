@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::part::{Part, combine_failures};
+use super::part::{Part, Progress, Txn, Verdict, combine_failures, verdict};
 use super::{Session, SessionError};
 use crate::date::rfc5322_date;
 use crate::smtp::data::{DataScanner, Limits, Mode, Violation};
@@ -44,7 +44,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let txn = self.txn.as_ref().expect("checked by send_data_commands");
         Err(combine_failures(
-            txn.parts.iter().filter_map(|p| p.failed.as_ref()),
+            txn.parts.iter().filter_map(|p| p.progress.failure()),
         ))
     }
 
@@ -73,7 +73,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !txn.parts.iter().any(|p| !p.accepted.is_empty()) {
             return Err(codes::no_valid_recipients());
         }
-        let sent = join_each!(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
+        let sent = join_each!(txn.parts.iter_mut().filter(|p| p.gets_data_command()).map(
             |p| async {
                 let conn = p.conn.as_mut().expect("live part has a connection");
                 let r = conn.send("DATA\r\n").await;
@@ -81,10 +81,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         ),);
         for (p, r) in sent {
-            match r {
-                Ok(()) => p.in_data = true,
-                Err(_) => p.fail(codes::target_unavailable()),
-            }
+            p.step(|s| s.data_sent(r.is_ok()));
         }
         Ok(())
     }
@@ -94,7 +91,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(txn) = self.txn.as_mut() else {
             return false;
         };
-        let replies = join_each!(txn.parts.iter_mut().filter(|p| p.live() && !p.early).map(
+        let replies = join_each!(txn.parts.iter_mut().filter(|p| p.gets_data_command()).map(
             |p| async {
                 let conn = p.conn.as_mut().expect("live part has a connection");
                 let r = conn.read_reply().await;
@@ -102,15 +99,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
         ));
         for (p, r) in replies {
-            match r {
-                Ok(r) if r.code == 354 => {}
-                Ok(r) => {
-                    // Refused DATA: the server is back in command state.
-                    p.in_data = false;
-                    p.failed = Some(r);
-                }
-                Err(_) => p.fail(codes::target_unavailable()),
-            }
+            p.step(|s| s.data_reply(r));
         }
         txn.parts.iter().any(Part::live)
     }
@@ -326,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         for (p, r) in results {
             if let Err(e) = r {
                 tracing::warn!(target = %p.target.name, error = %e, "backend failed during DATA");
-                p.fail(codes::target_unavailable());
+                p.step(Progress::lost);
             }
         }
     }
@@ -339,9 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // Cut the backends off before their end-of-data: nothing is delivered.
             if let Some(txn) = self.txn.as_mut() {
                 for p in &mut txn.parts {
-                    if let Some(c) = p.conn.as_mut() {
-                        c.abort();
-                    }
+                    p.cut();
                 }
             }
             let r = match v {
@@ -374,36 +361,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }),
         )
         ;
-        let mut accepted = Vec::new();
         for (p, r) in results {
-            match r {
-                Ok(r) if r.is_positive() => {
-                    p.done = true;
-                    p.in_data = false;
-                    accepted.push((p.target.name.clone(), r));
-                }
-                Ok(r) => {
-                    p.done = true;
-                    p.in_data = false;
-                    p.failed = Some(r);
-                }
-                Err(e) => {
-                    tracing::warn!(target = %p.target.name, error = %e, "backend failed at end of DATA");
-                    p.fail(codes::target_unavailable());
-                }
+            if let Err(e) = &r {
+                tracing::warn!(target = %p.target.name, error = %e, "backend failed at end of DATA");
             }
+            p.step(|s| s.final_reply(r));
         }
-        let with_rcpts: Vec<&Part> = txn
-            .parts
-            .iter()
-            .filter(|p| !p.accepted.is_empty())
-            .collect();
-        let failed: Vec<&Reply> = with_rcpts
-            .iter()
-            .filter_map(|p| p.failed.as_ref())
-            .collect();
-        for p in &with_rcpts {
-            let result = match &p.failed {
+        let with_rcpts = txn.parts.iter().filter(|p| !p.accepted.is_empty());
+        for p in with_rcpts.clone() {
+            let result = match p.progress.failure() {
                 None => "accepted",
                 Some(r) if r.is_transient() => "tempfail",
                 Some(_) => "rejected",
@@ -411,31 +377,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             metrics::counter!(crate::metric_names::SMTP_MESSAGES, "target" => p.target.name.clone(), "result" => result)
                 .increment(1);
         }
-        let reply = if failed.is_empty() {
-            if accepted.len() == 1 {
-                // One target: its own reply (queue id and all) is the most transparent.
-                accepted.pop().map_or_else(codes::local_error, |(_, r)| r)
-            } else {
-                codes::ok("Message accepted for delivery")
-            }
-        } else if accepted.is_empty() {
-            combine_failures(failed.into_iter())
-        } else if let Some(queued) = self.spool_rest(&accepted).await {
-            queued
-        } else {
-            // Some targets hold the message, others do not, and the spool could not take
-            // the rest: a temporary failure is the only safe answer; the client retries and
-            // the accepting side gets a duplicate, which is better than a loss.
-            metrics::counter!(crate::metric_names::SMTP_PARTIAL_DUPLICATE_RISK).increment(1);
-            tracing::warn!(
-                accepted = ?accepted.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
-                "message accepted by some targets only; answering 451 (duplicate risk)"
-            );
-            codes::partial_duplicate_risk()
+        let reply = match verdict(with_rcpts.filter_map(|p| p.progress.outcome())) {
+            Verdict::Reply(r) => r,
+            Verdict::Split => match self.spool_rest().await {
+                Some(queued) => queued,
+                None => {
+                    // Some targets hold the message, others do not, and the spool could not
+                    // take the rest: a temporary failure is the only safe answer; the client
+                    // retries and the accepting side gets a duplicate, which is better than
+                    // a loss.
+                    metrics::counter!(crate::metric_names::SMTP_PARTIAL_DUPLICATE_RISK)
+                        .increment(1);
+                    let taken = self.txn.as_ref().map(Txn::taken_by).unwrap_or_default();
+                    tracing::warn!(
+                        accepted = ?taken,
+                        "message accepted by some targets only; answering 451 (duplicate risk)"
+                    );
+                    codes::partial_duplicate_risk()
+                }
+            },
         };
         if let Some(txn) = self.txn.as_ref() {
             self.early_data_streak = !txn.multi_rcpt;
-            let used = txn.parts.iter().filter(|p| p.early && p.done).count();
+            let used = txn
+                .parts
+                .iter()
+                .filter(|p| p.progress.early_data_used())
+                .count();
             if used > 0 {
                 metrics::counter!(crate::metric_names::SMTP_EARLY_DATA, "outcome" => "used")
                     .increment(used as u64);

@@ -10,7 +10,7 @@ use smtp_proto::{MailFrom, RcptTo};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::Session;
-use super::part::{Opened, Part, Txn};
+use super::part::{Opened, Part, Progress, Release, Txn};
 use crate::config::{ListenerMode, MixedRecipients};
 use crate::route::Route;
 use crate::smtp::backend::{BackendConn, BackendError, Target};
@@ -176,7 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let existing = txn
             .parts
             .iter()
-            .position(|p| Arc::ptr_eq(&p.target, &target) && !p.early);
+            .position(|p| Arc::ptr_eq(&p.target, &target) && p.progress.takes_rcpts());
         if seen_target {
             txn.multi_rcpt = true;
             if existing.is_none()
@@ -213,7 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (idx, reply) = if let Some(idx) = existing {
             let txn = self.txn.as_mut().expect("checked above");
             let part = &mut txn.parts[idx];
-            let reply = if let Some(r) = &part.failed {
+            let reply = if let Some(r) = part.progress.failure() {
                 r.clone()
             } else if let Some(conn) = part.conn.as_mut() {
                 let line = rcpt_line(&to, conn.caps.dsn);
@@ -221,7 +221,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(error = %e, target = %target.name, "backend failed at RCPT");
-                        part.fail(codes::target_unavailable());
+                        part.step(Progress::lost);
                         codes::target_unavailable()
                     }
                 }
@@ -299,17 +299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         to: &RcptTo<String>,
         early: bool,
     ) -> (Part, Reply) {
-        let mut part = Part {
-            target: Arc::clone(&target),
-            conn: None,
-            failed: None,
-            accepted: Vec::new(),
-            who: Vec::new(),
-            pinned: false,
-            done: false,
-            in_data: false,
-            early: false,
-        };
+        let mut part = Part::new(Arc::clone(&target));
         let from = &self.txn.as_ref().expect("in a transaction").from;
         if let Some(auth) = self.auth.as_mut() {
             part.pinned = true;
@@ -321,18 +311,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "4.4.2 Connection to your mailbox server was lost, please reconnect",
                 );
                 self.closing = true;
-                part.failed = Some(r.clone());
+                part.progress.fail(r.clone());
                 return (part, r);
             };
             let reply = match mail_line(from, &conn.caps) {
                 Err(r) => {
-                    part.failed = Some(r.clone());
+                    part.progress.fail(r.clone());
                     r
                 }
                 Ok(line) => match open_txn(&mut conn, &line, to, early).await {
-                    Ok(o) => part.opened(o),
+                    Ok(o) => part.progress.opened(o),
                     Err(_) => {
-                        part.failed = Some(codes::target_unavailable());
+                        part.progress.fail(codes::target_unavailable());
                         codes::target_unavailable()
                     }
                 },
@@ -359,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(target = %target.name, error = %e, "target unreachable");
-                    part.failed = Some(codes::target_unavailable());
+                    part.progress.fail(codes::target_unavailable());
                     return (part, codes::target_unavailable());
                 }
             };
@@ -380,7 +370,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     }
                     Err(e) => {
                         tracing::warn!(target = %target.name, error = %e, "backend failed at XCLIENT");
-                        part.failed = Some(codes::target_unavailable());
+                        part.progress.fail(codes::target_unavailable());
                         return (part, codes::target_unavailable());
                     }
                 }
@@ -390,21 +380,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(l) => l,
                 Err(r) => {
                     self.give_back(conn);
-                    part.failed = Some(r.clone());
+                    part.progress.fail(r.clone());
                     return (part, r);
                 }
             };
             match open_txn(&mut conn, &line, to, early).await {
                 Ok(o) if !o.mail.is_positive() => {
                     // The server refused the sender; the connection itself is fine.
-                    let r = part.opened(o);
+                    let r = part.progress.opened(o);
                     if !conn.broken && conn.rset().await {
                         self.give_back(conn);
                     }
                     return (part, r);
                 }
                 Ok(o) => {
-                    let r = part.opened(o);
+                    let r = part.progress.opened(o);
                     part.conn = Some(conn);
                     return (part, r);
                 }
@@ -413,12 +403,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Err(e) => {
                     tracing::warn!(target = %target.name, error = %e, "backend failed at MAIL");
-                    part.failed = Some(codes::target_unavailable());
+                    part.progress.fail(codes::target_unavailable());
                     return (part, codes::target_unavailable());
                 }
             }
         }
-        part.failed = Some(codes::target_unavailable());
+        part.progress.fail(codes::target_unavailable());
         (part, codes::target_unavailable())
     }
 
@@ -455,14 +445,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let Some(mut conn) = p.conn.take() else {
                 continue;
             };
-            if p.early && p.in_data && !conn.broken {
+            if !conn.broken && p.progress.early_data_wasted() {
                 // An early DATA with no message behind it: the connection goes (an RSET
                 // would be message text), and this session stops guessing.
                 self.early_data_missed = true;
                 metrics::counter!(crate::metric_names::SMTP_EARLY_DATA, "outcome" => "dropped")
                     .increment(1);
             }
-            if conn.broken || p.in_data || (!p.done && !conn.rset().await) {
+            let reusable = match p.progress.release(conn.broken) {
+                Release::Reuse => true,
+                Release::Rset => conn.rset().await,
+                Release::Close => false,
+            };
+            if !reusable {
                 continue;
             }
             if p.pinned {
@@ -507,9 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// connections are closed, which cancels the backend transactions.
     pub(super) fn drop_txn(txn: Txn) {
         for mut p in txn.parts {
-            if let Some(c) = p.conn.as_mut() {
-                c.abort();
-            }
+            p.cut();
         }
     }
 }
