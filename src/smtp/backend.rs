@@ -8,7 +8,7 @@
 //! that target starts with MAIL FROM.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
@@ -117,9 +117,46 @@ pub struct Target {
     /// Connections start with a PROXY v2 header: each one is bound to one client, so they
     /// are never shared through the pool (see `Session`).
     pub proxy_protocol: bool,
+    /// This target's per-message metric handles, registered on first use (a series shows
+    /// once it happened) and then reused without a registry lookup.
+    messages: [OnceLock<metrics::Counter>; MESSAGE_RESULTS.len()],
+    final_reply: OnceLock<metrics::Histogram>,
 }
 
+/// The `result` words of `coexist_smtp_messages_total` for a target.
+pub const MESSAGE_RESULTS: [&str; 3] = ["accepted", "tempfail", "rejected"];
+
 impl Target {
+    /// Counts one message in `coexist_smtp_messages_total`; `result` is one of
+    /// [`MESSAGE_RESULTS`].
+    pub fn count_message(&self, result: &'static str) {
+        let Some(i) = MESSAGE_RESULTS.iter().position(|r| *r == result) else {
+            debug_assert!(false, "unknown result word {result}");
+            return;
+        };
+        self.messages[i]
+            .get_or_init(|| {
+                metrics::counter!(
+                    crate::metric_names::SMTP_MESSAGES,
+                    "target" => self.name.clone(),
+                    "result" => result
+                )
+            })
+            .increment(1);
+    }
+
+    /// Records how long the target took to give its final reply to a message.
+    pub fn record_final_reply(&self, seconds: f64) {
+        self.final_reply
+            .get_or_init(|| {
+                metrics::histogram!(
+                    crate::metric_names::SMTP_FINAL_REPLY_SECONDS,
+                    "target" => self.name.clone()
+                )
+            })
+            .record(seconds);
+    }
+
     /// What every known server of this target supports; `None` until one has answered.
     pub fn caps(&self) -> Option<Caps> {
         self.servers.iter().find_map(|s| s.caps())
@@ -162,6 +199,8 @@ impl Backends {
                 tls: tls::client_config(t.tls_verify, t.tls_ca.as_deref())?,
                 xclient: t.xclient,
                 proxy_protocol: t.proxy_protocol,
+                messages: std::array::from_fn(|_| OnceLock::new()),
+                final_reply: OnceLock::new(),
             }));
         }
         let resolver = Resolver::default();
