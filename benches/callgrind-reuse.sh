@@ -87,9 +87,9 @@ for bin in "${BINS[@]}"; do
   PIDS+=($vpid)
   wait_port $LISTEN_PORT
   send "$WARMUP"
-  callgrind_control -z "$vpid" >/dev/null
+  callgrind_control -z "$vpid" >/dev/null 2>&1
   send "$MSGS"
-  callgrind_control -d "$vpid" >/dev/null
+  callgrind_control -d "$vpid" >/dev/null 2>&1
   sleep 1
   # The dump after zeroing holds only what the MSGS messages cost.
   out=$(ls -t "$T"/callgrind.out.* | head -1)

@@ -184,8 +184,9 @@ impl Running {
             smtp.limits.max_connections_per_ip,
         );
         let traffic = Arc::new(crate::traffic::Traffic::default());
-        // Every installed table, whoever installed it, registers its recipients' meters
-        // before traffic needs them (the hot path then finds them without a lock).
+        // Every installed table, whoever installed it, registers its recipients' meters as
+        // soon as it is published, so the hot path finds them without a lock (a recipient
+        // that comes first adds its own meter, once).
         let mut installed = router.subscribe();
         traffic.register_table(Protocol::Smtp, &installed.borrow_and_update());
         let (meters, mut stop_meters) = (Arc::clone(&traffic), shutdown_rx.clone());

@@ -19,8 +19,8 @@
 //! admin              admin API, /metrics, status page
 //! control            reload / cutover / rollback: files, history, swaps
 //! smtp               sessions, backend transactions and pool, spool  (https joins here)
-//! net, upstream      listeners, TLS, shutdown, resolver, PROXY v2 │ targets, servers, health
 //! traffic            lock-free per-target/site meters for the page and counters
+//! net, upstream      listeners, TLS, shutdown, resolver, PROXY v2 │ targets, servers, health
 //! config, route      coexist.toml → Config │ routes → RoutingTable → Router
 //! diagnostics, date, metric_names   shared leaves
 //! ```

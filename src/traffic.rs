@@ -9,7 +9,7 @@
 //! recipient normally finds its meter ready.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -45,6 +45,11 @@ const MINUTE_MASK: u64 = (1 << (64 - COUNT_BITS)) - 1;
 
 /// One (protocol, target, site): its minute slots and its counter handles.
 pub struct Meter {
+    protocol: Protocol,
+    /// Set by the first accepted recipient: a pre-registered meter that never counted
+    /// stays off the status page, one that counted stays on it (with 0 once its traffic
+    /// leaves the window), as before meters were registered ahead.
+    recorded: AtomicBool,
     target: Box<str>,
     site: Box<str>,
     /// Indexed by minute modulo MINUTES.
@@ -54,8 +59,10 @@ pub struct Meter {
 }
 
 impl Meter {
-    fn new(target: &str, site: &str) -> Self {
+    fn new(protocol: Protocol, target: &str, site: &str) -> Self {
         Self {
+            protocol,
+            recorded: AtomicBool::new(false),
             target: target.into(),
             site: site.into(),
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -64,8 +71,9 @@ impl Meter {
     }
 
     /// Counts one recipient in `coexist_smtp_recipients_total` with `result`, one of
-    /// [`RCPT_RESULTS`].
+    /// [`RCPT_RESULTS`]. SMTP meters only: HTTPS requests get a family of their own.
     pub fn count(&self, result: &'static str) {
+        debug_assert_eq!(self.protocol, Protocol::Smtp, "recipients are SMTP's");
         let Some(i) = RCPT_RESULTS.iter().position(|r| *r == result) else {
             debug_assert!(false, "unknown result word {result}");
             return;
@@ -84,6 +92,9 @@ impl Meter {
 
     /// Counts one accepted recipient (or request) in the current minute.
     fn record(&self, minute: u64) {
+        if !self.recorded.load(Ordering::Relaxed) {
+            self.recorded.store(true, Ordering::Relaxed);
+        }
         let minute = minute & MINUTE_MASK;
         let slot = &self.slots[(minute % MINUTES as u64) as usize];
         let mut cur = slot.load(Ordering::Relaxed);
@@ -164,7 +175,7 @@ impl Traffic {
         all[slot_of(protocol)]
             .get(target)
             .and_then(|s| s.get(site))
-            .map_or_else(|| Arc::new(Meter::new(target, site)), Arc::clone)
+            .map_or_else(|| Arc::new(Meter::new(protocol, target, site)), Arc::clone)
     }
 
     /// Adds meters for the keys that have none, in one copy of the map.
@@ -188,7 +199,7 @@ impl Traffic {
                 .entry((*t).into())
                 .or_default()
                 .entry((*s).into())
-                .or_insert_with(|| Arc::new(Meter::new(t, s)));
+                .or_insert_with(|| Arc::new(Meter::new(protocol, t, s)));
         }
         self.meters.store(Arc::new(next));
     }
@@ -203,6 +214,11 @@ impl Traffic {
             .chain(std::iter::once("-"))
             .collect();
         if targets.len() * sites.len() > MAX_PREREGISTERED {
+            tracing::info!(
+                pairs = targets.len() * sites.len(),
+                max = MAX_PREREGISTERED,
+                "too many target and site pairs to register ahead; meters are added on first use"
+            );
             return;
         }
         let keys: Vec<(&str, &str)> = targets
@@ -218,10 +234,13 @@ impl Traffic {
     }
 
     /// For `protocol`, per target: counts for the last MINUTES minutes, oldest first; and
-    /// per (target, site) the total over that window. Targets and sites that had no
-    /// traffic in the window are left out.
+    /// per (target, site) the total over that window — every pair that ever had traffic,
+    /// with 0 once it left the window; pairs that never had any are left out.
     pub fn snapshot(&self, protocol: Protocol) -> (PerTarget, PerSite) {
-        let now = self.minute();
+        self.snapshot_at(protocol, self.minute())
+    }
+
+    fn snapshot_at(&self, protocol: Protocol, now: u64) -> (PerTarget, PerSite) {
         let mut per_target = PerTarget::new();
         let mut per_site = PerSite::new();
         let all = self.meters.load();
@@ -236,7 +255,7 @@ impl Traffic {
                 *v = m.count_of(minute);
                 total += *v;
             }
-            if total == 0 {
+            if !m.recorded.load(Ordering::Relaxed) {
                 continue;
             }
             let t = per_target
@@ -274,8 +293,24 @@ mod tests {
     }
 
     #[test]
+    fn registered_meters_show_once_they_counted() {
+        let t = Traffic::default();
+        let idle = t.meter(Protocol::Smtp, "old", "berlin");
+        assert!(
+            t.snapshot_at(Protocol::Smtp, 60).1.is_empty(),
+            "never counted: not listed"
+        );
+        // Counted in minute 0, seen at minute 60 (outside the window): listed with 0, as
+        // before.
+        idle.record(0);
+        let (per_target, per_site) = t.snapshot_at(Protocol::Smtp, 60);
+        assert_eq!(per_site[&("old".to_string(), "berlin".to_string())], 0);
+        assert_eq!(per_target["old"].iter().sum::<u64>(), 0);
+    }
+
+    #[test]
     fn a_slot_restarts_when_its_minute_comes_round_again() {
-        let m = Meter::new("old", "-");
+        let m = Meter::new(Protocol::Smtp, "old", "-");
         m.record(3);
         m.record(3);
         assert_eq!(m.count_of(3), 2);
@@ -287,7 +322,7 @@ mod tests {
 
     #[test]
     fn concurrent_counts_are_all_kept() {
-        let m = Arc::new(Meter::new("old", "-"));
+        let m = Arc::new(Meter::new(Protocol::Smtp, "old", "-"));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let m = Arc::clone(&m);

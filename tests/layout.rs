@@ -25,8 +25,10 @@ fn layer_of(module: &str) -> Option<usize> {
     LAYERS.iter().position(|l| l.contains(&module))
 }
 
-/// Top-level module → the top-level modules its code names as `crate::X` (comment lines
-/// left out: a doc link is not an import).
+/// Top-level module → the top-level modules its code names: `crate::X`, each name of a
+/// `crate::{X, Y::z}` group (on one line or several), and `super::` paths that climb to the
+/// crate root (`super::X` in `src/a/mod.rs`, `super::super::X` in `src/a/b.rs`). Comment
+/// lines are left out: a doc link is not an import.
 fn imports() -> BTreeMap<String, BTreeSet<String>> {
     fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
         for e in std::fs::read_dir(dir).unwrap() {
@@ -54,21 +56,81 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
         if module == "main" || module == "lib" {
             continue;
         }
-        let text = std::fs::read_to_string(&f).unwrap();
+        // How many `super::` reach the crate root from this file's module.
+        let depth = rel.components().count() - usize::from(rel.ends_with("mod.rs"));
+        let root_prefix = "super::".repeat(depth);
+        let text: String = std::fs::read_to_string(&f)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let deps = graph.entry(module.clone()).or_default();
-        for line in text.lines().map(str::trim).filter(|l| !l.starts_with("//")) {
-            for (i, _) in line.match_indices("crate::") {
-                let name: String = line[i + "crate::".len()..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() && name != module {
-                    deps.insert(name);
+        let mut names = Vec::new();
+        for prefix in ["crate::", root_prefix.as_str()] {
+            for (i, _) in text.match_indices(prefix) {
+                // `super::` preceded by more `super::` climbs further than the root.
+                if prefix.starts_with("super") && text[..i].ends_with("super::") {
+                    continue;
                 }
+                names.extend(path_heads(&text[i + prefix.len()..]));
             }
         }
+        deps.extend(names.into_iter().filter(|n| *n != module));
+    }
+    // Only names of top-level modules count: an inline `mod tests` adds a level, so its
+    // `super::super::x` can look like a root path while naming a sibling.
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    for deps in graph.values_mut() {
+        deps.retain(|d| modules.contains(d));
     }
     graph
+}
+
+/// The first segment of a path, or of each path in a `{…}` group.
+fn path_heads(rest: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let Some(group) = rest.strip_prefix('{') else {
+        return vec![ident(rest)]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect();
+    };
+    // The group's items at depth 0, up to its closing brace.
+    let mut heads = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in group.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => {
+                heads.push(ident(&group[start..i]));
+                break;
+            }
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                heads.push(ident(&group[start..i]));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    heads.retain(|n| !n.is_empty());
+    heads
+}
+
+#[test]
+fn the_import_reader_sees_groups_and_root_supers() {
+    assert_eq!(path_heads("smtp::session::Session;"), ["smtp"]);
+    assert_eq!(
+        path_heads("{\n    net::Shutdown,\n    route::{Route, Router},\n}"),
+        ["net", "route"]
+    );
+    assert!(path_heads("{}").is_empty());
 }
 
 #[test]

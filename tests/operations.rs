@@ -760,6 +760,14 @@ async fn public_status_opens_the_read_only_pages_and_nothing_else() {
     assert_eq!(open["pinned"], json!([]), "{open}");
     let (_, with_token) = admin_call(a, token.clone(), "GET", "/status", None).await;
     assert_eq!(with_token["pinned"][0]["address"], "bob@example.com");
+    // A backend's last error can name internal addresses: for the token holder only.
+    let server = |v: &serde_json::Value| v["targets"][0]["smtp"][0].clone();
+    assert_eq!(server(&open)["up"], true, "{open}");
+    assert!(server(&open).get("last_error").is_none(), "{open}");
+    assert!(
+        server(&with_token).get("last_error").is_some(),
+        "{with_token}"
+    );
     let page = |token: Option<String>| async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(a).await.unwrap();

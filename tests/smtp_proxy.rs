@@ -611,6 +611,37 @@ async fn a_dead_server_fails_over_to_the_next() {
     assert!(target.servers[1].is_up());
 }
 
+/// A server that accepts connections and never says a word (a hung MTA, a black hole
+/// behind a load balancer) neither holds back the start — readiness waits for the first
+/// health probes only a few seconds — nor the mail: until its own probe ends it is tried
+/// after the servers known to answer.
+#[tokio::test]
+async fn a_silent_server_holds_back_neither_the_start_nor_the_mail() {
+    // Bound and listening, never accepted: the kernel completes the handshake and nobody
+    // ever sends a greeting.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let old_b = Backend::start(Behaviour::default()).await;
+    let new = Backend::start(Behaviour::default()).await;
+    let p = Proxy::start_servers(
+        &[silent.local_addr().unwrap(), old_b.addr],
+        &[new.addr],
+        "",
+        "",
+    )
+    .await;
+    let smtp = relay_client(&p);
+    // A guard, not a measurement: tried first, the silent server would hold this message
+    // for the backend command timeout (minutes).
+    tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        smtp.send(message(&["bob@example.com"], "past the silent one")),
+    )
+    .await
+    .expect("the message waited on the silent server")
+    .unwrap();
+    assert_eq!(old_b.wait_for(1).await.len(), 1);
+}
+
 #[tokio::test]
 async fn a_client_that_vanishes_mid_data_delivers_nothing() {
     let (old, _new, p) = setup().await;

@@ -544,8 +544,8 @@ pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
         .filter(|_| full)
         .map(|(a, site, owner)| json!({"address": a, "site": site, "owner": owner}))
         .collect();
-    // Health as the upstream registry holds it (probes and the data path alike); HTTPS
-    // servers join once something probes them.
+    // Health as the upstream registry holds it (probes and the data path alike). The last
+    // error names internal addresses and backend replies: for the token holder only.
     let targets: Vec<Value> = ctx
         .upstream
         .targets()
@@ -556,12 +556,11 @@ pub fn status_json(ctx: &AdminCtx, full: bool) -> Value {
                 .iter()
                 .map(|s| {
                     let h = s.health.view();
-                    json!({
-                        "server": s.addr,
-                        "up": h.up,
-                        "failures": h.failures,
-                        "last_error": h.last_error,
-                    })
+                    let mut v = json!({ "server": s.addr, "up": h.up, "failures": h.failures });
+                    if full {
+                        v["last_error"] = json!(h.last_error);
+                    }
+                    v
                 })
                 .collect();
             json!({ "name": &*tg.name, "smtp": smtp })

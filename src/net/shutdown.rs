@@ -21,17 +21,9 @@ impl Trigger {
     pub fn signal(&self) {
         let _ = self.0.send(true);
     }
-
-    pub fn subscribe(&self) -> Shutdown {
-        Shutdown(self.0.subscribe())
-    }
 }
 
 impl Shutdown {
-    pub fn is_signalled(&self) -> bool {
-        *self.0.borrow()
-    }
-
     /// Resolves once shutdown has been signalled (or its trigger is gone).
     pub async fn signalled(&mut self) {
         // The guard `wait_for` returns is not Send; it is dropped here, not in a caller's

@@ -23,7 +23,7 @@ use crate::net::proxy_protocol::proxy_v2_header;
 use crate::net::resolve::Resolver;
 use crate::net::tls;
 use crate::route::{RoutingTable, TargetId};
-use crate::upstream::{self, Prober, Protocol, Registry, probe};
+use crate::upstream::{self, Prober, Protocol, Rank, Registry, probe};
 
 /// Longest reply line and most lines accepted from a backend.
 const MAX_REPLY_LINE: usize = 4096;
@@ -73,14 +73,14 @@ impl Default for BackendSettings {
 /// upstream registry), what it supports, and its idle connections.
 pub struct Server {
     pub addr: String,
-    pub health: Arc<upstream::Server>,
+    pub upstream: Arc<upstream::Server>,
     caps: Mutex<Option<Caps>>,
     idle: Mutex<Vec<(BackendConn, Instant)>>,
 }
 
 impl Server {
     pub fn is_up(&self) -> bool {
-        self.health.is_up()
+        self.upstream.is_up()
     }
 
     pub fn caps(&self) -> Option<Caps> {
@@ -179,17 +179,20 @@ impl Backends {
         settings: BackendSettings,
         registry: Arc<Registry>,
     ) -> Result<Self, tls::TlsError> {
+        // The registry was built from this same config: one target each, in order.
+        debug_assert_eq!(targets.len(), registry.targets().len());
         let mut out = Vec::new();
         for (t, up) in targets.iter().zip(registry.targets()) {
+            debug_assert_eq!(t.name.as_str(), &*up.name);
             out.push(Arc::new(Target {
                 name: t.name.clone(),
                 servers: up
                     .smtp
                     .iter()
-                    .map(|health| {
+                    .map(|up| {
                         Arc::new(Server {
-                            addr: health.addr.clone(),
-                            health: Arc::clone(health),
+                            addr: up.addr.clone(),
+                            upstream: Arc::clone(up),
                             caps: Mutex::new(None),
                             idle: Mutex::new(Vec::new()),
                         })
@@ -249,17 +252,23 @@ impl Backends {
         target: &Arc<Target>,
         client: Option<(SocketAddr, SocketAddr)>,
     ) -> Result<BackendConn, BackendError> {
-        let mut order: Vec<&Arc<Server>> = target.servers.iter().filter(|s| s.is_up()).collect();
-        order.extend(target.servers.iter().filter(|s| !s.is_up()));
+        // Servers known to answer first, then any nobody has heard from yet (a start-up
+        // probe still running), then those marked down; config order within each.
+        let mut order: Vec<(Rank, &Arc<Server>)> = target
+            .servers
+            .iter()
+            .map(|s| (s.upstream.health.rank(), s))
+            .collect();
+        order.sort_by_key(|(rank, _)| *rank);
         let mut last = BackendError::NoServers(target.name.clone());
-        for s in order {
+        for (_, s) in order {
             match self.connect(target, s, client).await {
                 Ok(c) => {
-                    s.health.observe(Ok(()));
+                    s.upstream.observe(Ok(()));
                     return Ok(c);
                 }
                 Err(e) => {
-                    s.health.observe(Err(&e.to_string()));
+                    s.upstream.observe(Err(&e.to_string()));
                     last = e;
                 }
             }
@@ -396,10 +405,10 @@ impl Backends {
         self.expire_idle().await;
     }
 
-    /// A probe's whole conversation: a server that accepts and then says nothing is down
+    /// A probe's whole conversation: a server that accepts and then says nothing is judged
     /// after this, not after the command timeout.
     pub fn probe_timeout(&self) -> Duration {
-        self.settings.connect_timeout.min(PROBE_TIMEOUT)
+        PROBE_TIMEOUT
     }
 
     pub async fn expire_idle(&self) {

@@ -94,11 +94,11 @@ impl fmt::Display for Reply {
     }
 }
 
-/// Replies coexist gives itself. Codes per RFC 5321 §4.2, enhanced codes per RFC 3463.
 /// What a client over the connection caps reads before the listener closes its connection
 /// (written by the protocol-neutral listener, so kept as bytes).
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"421 4.7.0 Too many connections, try again later\r\n";
 
+/// Replies coexist gives itself. Codes per RFC 5321 §4.2, enhanced codes per RFC 3463.
 pub mod codes {
     /// A recipient given twice in one transaction, answered without a second offer.
     pub fn duplicate_recipient() -> Reply {

@@ -441,8 +441,8 @@ impl Spool {
                     .filter(|e| e.next_attempt <= t)
                     .collect::<Vec<_>>()
             })
-            .await
-            .unwrap_or_default();
+            .await;
+            let Some(due) = joined(due) else { return };
             for e in due {
                 self.attempt(e, &router, &backends).await;
             }
@@ -462,7 +462,7 @@ impl Spool {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 tracing::error!(id = %e.id, "spooled content missing; dropping the entry");
                 let spool = Arc::clone(self);
-                let _ = tokio::task::spawn_blocking(move || spool.delete(&e.id)).await;
+                let _ = joined(tokio::task::spawn_blocking(move || spool.delete(&e.id)).await);
                 return;
             }
             Err(err) => {
@@ -535,10 +535,12 @@ impl Spool {
         e.attempts += 1;
         // Bookkeeping writes and fsyncs entries and DSNs: blocking work, off the runtime.
         let spool = Arc::clone(self);
-        let _ = tokio::task::spawn_blocking(move || {
-            spool.settle(&e, remaining, bounced, &errors, &content);
-        })
-        .await;
+        let _ = joined(
+            tokio::task::spawn_blocking(move || {
+                spool.settle(&e, remaining, bounced, &errors, &content);
+            })
+            .await,
+        );
     }
 
     /// Records what an attempt left: expired recipients and refusals become a DSN, the
@@ -748,6 +750,24 @@ fn dot_stuff(msg: &[u8]) -> Vec<u8> {
 
 /// Exponential backoff with ±20% jitter (from the id, so it is stable per message and
 /// spreads messages apart).
+/// The result of the worker's blocking step. A panic there is the worker's own, as when
+/// the step ran on the worker's task: it ends the worker (nothing more is delivered until a
+/// restart) rather than carrying on past an entry whose bookkeeping did not happen — which
+/// would deliver its recipients again on every pass.
+/// `None` when the step was cancelled, which happens only as the runtime shuts down.
+fn joined<T>(r: Result<T, tokio::task::JoinError>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => match e.try_into_panic() {
+            Ok(panic) => {
+                tracing::error!("spool worker: a blocking step panicked; the worker stops");
+                std::panic::resume_unwind(panic)
+            }
+            Err(_) => None,
+        },
+    }
+}
+
 fn backoff(s: &SpoolSettings, attempts: u32, id: &str) -> Duration {
     let base =
         s.retry_initial.as_secs_f64() * 2f64.powi(attempts.saturating_sub(1).min(20).cast_signed());

@@ -5,7 +5,6 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 /// How many observations in a row flip a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +28,9 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counter {
     pub up: bool,
+    /// Anything observed yet: a server nobody has heard from counts as up but is tried
+    /// after those known to answer (see [`Health::rank`]).
+    pub observed: bool,
     /// Successes in a row (0 after a failure).
     pub successes: u32,
     /// Failures in a row (0 after a success).
@@ -41,6 +43,7 @@ impl Counter {
     pub fn new() -> Self {
         Self {
             up: true,
+            observed: false,
             successes: 0,
             failures: 0,
         }
@@ -48,6 +51,7 @@ impl Counter {
 
     /// Takes one observation; returns the new state when it flipped.
     pub fn observe(&mut self, ok: bool, t: Thresholds) -> Option<bool> {
+        self.observed = true;
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
@@ -78,15 +82,23 @@ impl Default for Counter {
 pub struct HealthView {
     pub up: bool,
     pub failures: u32,
+    /// The latest failure's reason, kept after the server recovers (what went wrong last).
     pub last_error: Option<String>,
-    /// When the state last flipped (`None`: never, since start).
-    pub since: Option<SystemTime>,
+}
+
+/// Where a server stands in the order its target's servers are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rank {
+    /// Up, and has answered or been judged.
+    Up,
+    /// Nothing observed yet (a start-up probe still running): after the known ones.
+    Unknown,
+    Down,
 }
 
 struct Detail {
     counter: Counter,
     last_error: Option<String>,
-    since: Option<SystemTime>,
 }
 
 /// One server's health, shared by the data path (reads `is_up` on every new connection)
@@ -105,7 +117,6 @@ impl Health {
             detail: Mutex::new(Detail {
                 counter: Counter::new(),
                 last_error: None,
-                since: None,
             }),
             thresholds,
         }
@@ -121,19 +132,28 @@ impl Health {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records one observation (`Err` carries why it failed); returns the new state when
-    /// it flipped.
-    pub fn observe(&self, outcome: Result<(), &str>) -> Option<bool> {
+    /// Records one observation (`Err` carries why it failed); returns whether the server
+    /// is up now and whether this observation flipped it, both as of this observation.
+    pub fn observe(&self, outcome: Result<(), &str>) -> (bool, bool) {
         let mut d = self.lock();
         let flipped = d.counter.observe(outcome.is_ok(), self.thresholds);
         if let Err(why) = outcome {
             d.last_error = Some(why.to_string());
         }
         if let Some(up) = flipped {
-            d.since = Some(SystemTime::now());
             self.up.store(up, Ordering::Relaxed);
         }
-        flipped
+        (d.counter.up, flipped.is_some())
+    }
+
+    /// Where the server goes in the order of attempts.
+    pub fn rank(&self) -> Rank {
+        let d = self.lock();
+        match (d.counter.up, d.counter.observed) {
+            (false, _) => Rank::Down,
+            (true, true) => Rank::Up,
+            (true, false) => Rank::Unknown,
+        }
     }
 
     pub fn view(&self) -> HealthView {
@@ -142,7 +162,6 @@ impl Health {
             up: d.counter.up,
             failures: d.counter.failures,
             last_error: d.last_error.clone(),
-            since: d.since,
         }
     }
 }
@@ -198,15 +217,22 @@ mod tests {
     }
 
     #[test]
-    fn health_keeps_the_last_error_and_when_it_flipped() {
+    fn health_ranks_and_keeps_the_last_error() {
         let h = Health::new(Thresholds { fall: 1, rise: 1 });
         assert!(h.is_up());
-        assert_eq!(h.observe(Err("connection refused")), Some(false));
+        assert_eq!(h.rank(), Rank::Unknown, "up, but nobody has heard from it");
+        assert_eq!(h.observe(Err("connection refused")), (false, true));
         assert!(!h.is_up());
-        let v = h.view();
-        assert_eq!(v.last_error.as_deref(), Some("connection refused"));
-        assert!(v.since.is_some());
-        assert_eq!(h.observe(Ok(())), Some(true));
+        assert_eq!(h.rank(), Rank::Down);
+        assert_eq!(h.view().last_error.as_deref(), Some("connection refused"));
+        assert_eq!(h.observe(Ok(())), (true, true));
+        assert_eq!(h.observe(Ok(())), (true, false));
         assert!(h.is_up());
+        assert_eq!(h.rank(), Rank::Up);
+        assert_eq!(
+            h.view().last_error.as_deref(),
+            Some("connection refused"),
+            "kept after recovery"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::config::TargetConfig;
 use crate::route::{RoutingTable, TargetId};
 
-pub use health::{Health, HealthView, Thresholds};
+pub use health::{Health, HealthView, Rank, Thresholds};
 pub use probe::Prober;
 
 /// Which of a target's server lists a server is in.
@@ -52,21 +52,22 @@ impl Server {
 
     /// Records one observation and reports a flip in the log and `coexist_backend_up`.
     pub fn observe(&self, outcome: Result<(), &str>) {
-        match self.health.observe(outcome) {
-            Some(true) => {
+        let (up, flipped) = self.health.observe(outcome);
+        match (flipped, up) {
+            (true, true) => {
                 tracing::info!(server = %self.addr, target = %self.target, "backend server up");
             }
-            Some(false) => {
+            (true, false) => {
                 tracing::warn!(server = %self.addr, target = %self.target, reason = outcome.err().unwrap_or(""), "backend server down");
             }
-            None => {}
+            (false, _) => {}
         }
         metrics::gauge!(
             crate::metric_names::BACKEND_UP,
             "target" => self.target.to_string(),
             "server" => self.addr.clone()
         )
-        .set(f64::from(u8::from(self.is_up())));
+        .set(f64::from(u8::from(up)));
     }
 }
 
@@ -139,10 +140,6 @@ impl Registry {
             Some(t) if &*t.name == name => Some(i),
             _ => self.targets.iter().position(|t| &*t.name == name),
         }
-    }
-
-    pub fn index_of_name(&self, name: &str) -> Option<usize> {
-        self.targets.iter().position(|t| &*t.name == name)
     }
 
     /// Every server of `protocol`, target by target.

@@ -45,7 +45,7 @@ pub async fn first_round<P: Prober>(
     wait: Duration,
 ) -> bool {
     let round = tokio::spawn(async move { probe_all(&*prober, &servers, timeout).await });
-    tokio::time::timeout(wait, round).await.is_ok()
+    matches!(tokio::time::timeout(wait, round).await, Ok(Ok(())))
 }
 
 #[cfg(test)]
