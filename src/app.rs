@@ -47,6 +47,10 @@ pub enum AppError {
 /// `TimeoutStopSec` must be longer).
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// HTTPS connections open at once: Outlook keeps several per user, and a whole office may
+/// come from one NAT address, so there is no lower cap per client address.
+pub const HTTPS_MAX_CONNECTIONS: u32 = 20_000;
+
 /// How long the start waits for the first round of health probes.
 pub const STARTUP_PROBE_WAIT: Duration = Duration::from_secs(3);
 
@@ -60,7 +64,10 @@ pub struct Running {
     /// The SMTP listeners' addresses, in config order (port 0 resolved).
     pub smtp_addrs: Vec<(ListenerMode, SocketAddr)>,
     pub admin_addr: SocketAddr,
+    /// The HTTPS listener's address, when `[https] listen` is set (port 0 resolved).
+    pub https_addr: Option<SocketAddr>,
     limits: Arc<ConnLimits>,
+    https_limits: Arc<ConnLimits>,
     shutdown: shutdown::Trigger,
 }
 
@@ -138,6 +145,10 @@ impl Running {
         for l in &smtp.listeners {
             bound.push(bind(l.listen)?);
         }
+        let https_bound = match config.https.as_ref().and_then(|h| h.listen) {
+            Some(addr) => Some(bind(addr)?),
+            None => None,
+        };
         let (admin_socket, admin_addr) = bind(config.admin.listen)?;
         let to_control = |e| match e {
             ControlError::Rejected(d) => AppError::Routes(d),
@@ -165,14 +176,38 @@ impl Running {
         // own probe times out, while the proxy already serves.
         let smtp_servers: Vec<_> = registry.servers(Protocol::Smtp).cloned().collect();
         let probe_timeout = backends.probe_timeout();
-        if !probe::first_round(
-            Arc::clone(&backends),
-            smtp_servers,
-            probe_timeout,
-            STARTUP_PROBE_WAIT,
-        )
-        .await
-        {
+        // HTTPS backends exist, and are probed, when the HTTPS listener does.
+        let https_backends = match config.https.as_ref().and_then(|h| h.listen) {
+            Some(_) => Some(Arc::new(crate::https::forward::Backends::new(
+                &config.targets,
+                &registry,
+            )?)),
+            None => None,
+        };
+        let https_servers: Vec<_> = registry.servers(Protocol::Https).cloned().collect();
+        let (smtp_done, https_done) = tokio::join!(
+            probe::first_round(
+                Arc::clone(&backends),
+                smtp_servers,
+                probe_timeout,
+                STARTUP_PROBE_WAIT,
+            ),
+            async {
+                match &https_backends {
+                    Some(b) => {
+                        probe::first_round(
+                            Arc::clone(b),
+                            https_servers,
+                            probe_timeout,
+                            STARTUP_PROBE_WAIT,
+                        )
+                        .await
+                    }
+                    None => true,
+                }
+            }
+        );
+        if !(smtp_done && https_done) {
             tracing::warn!(
                 wait_secs = STARTUP_PROBE_WAIT.as_secs(),
                 "some backend servers have not answered their first health probe; serving without waiting for them"
@@ -240,6 +275,41 @@ impl Running {
             ));
             smtp_addrs.push((l.mode, addr));
         }
+        let https_limits = ConnLimits::new(HTTPS_MAX_CONNECTIONS, HTTPS_MAX_CONNECTIONS);
+        let mut https_addr = None;
+        if let (Some(h), Some((socket, addr)), Some(backends)) =
+            (&config.https, https_bound, https_backends.clone())
+        {
+            let certs: Vec<_> = h
+                .certs
+                .iter()
+                .map(|c| (c.cert.as_path(), c.key.as_path()))
+                .collect();
+            let acceptor = TlsAcceptor::from(tls::https_server_config(&certs)?);
+            let default_target = h
+                .default_target
+                .as_deref()
+                .and_then(|name| registry.targets().iter().position(|t| &*t.name == name));
+            let ctx = Arc::new(crate::https::server::HttpsCtx {
+                router: Arc::clone(&router),
+                backends,
+                default_target,
+                limits: crate::https::server::Limits::default(),
+            });
+            let options = ListenOptions {
+                implicit_tls: Some(acceptor),
+                // Over the cap a TLS client can read no plaintext answer: closed at once.
+                refusal: b"",
+            };
+            tokio::spawn(listener::serve(
+                listen(socket, addr)?,
+                ctx,
+                options,
+                Arc::clone(&https_limits),
+                shutdown_rx.clone(),
+            ));
+            https_addr = Some(addr);
+        }
         // Histogram samples pile up in the recorder until they are folded into their
         // bucket counts: without this, memory grows with every message between scrapes
         // (the 30-minute soak showed it).
@@ -256,10 +326,19 @@ impl Running {
         let probe = Arc::clone(&backends);
         let interval = smtp.limits.health_interval;
         let mut stop = shutdown_rx.clone();
+        let probe_https = https_backends.clone();
+        let https_servers: Vec<_> = registry.servers(Protocol::Https).cloned().collect();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(interval) => probe.probe_all().await,
+                    () = tokio::time::sleep(interval) => {
+                        let https = async {
+                            if let Some(b) = &probe_https {
+                                probe::probe_all(&**b, &https_servers, probe_timeout).await;
+                            }
+                        };
+                        tokio::join!(probe.probe_all(), https);
+                    }
                     () = stop.signalled() => return,
                 }
             }
@@ -292,7 +371,9 @@ impl Running {
             registry,
             smtp_addrs,
             admin_addr,
+            https_addr,
             limits,
+            https_limits,
             shutdown,
         })
     }
@@ -306,6 +387,10 @@ impl Running {
     /// `deadline`. Returns how many connections were still open.
     pub async fn shutdown(self, deadline: Duration) -> usize {
         self.shutdown.signal();
-        self.limits.drain(deadline).await
+        let (smtp, https) = tokio::join!(
+            self.limits.drain(deadline),
+            self.https_limits.drain(deadline)
+        );
+        smtp + https
     }
 }

@@ -128,7 +128,8 @@ pub struct ListenOptions {
     /// TLS from the first byte (SMTPS on 465, HTTPS).
     pub implicit_tls: Option<TlsAcceptor>,
     /// Written to a client refused over the caps, then the connection is closed (an SMTP
-    /// 421, an HTTP 503): the protocol's own words for "busy, try later".
+    /// 421): the protocol's own words for "busy, try later"; empty when the protocol has
+    /// none before its TLS handshake (HTTPS).
     pub refusal: &'static [u8],
 }
 
@@ -215,6 +216,8 @@ async fn accept(
 }
 
 async fn refuse(mut stream: TcpStream, refusal: &'static [u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(refusal)).await;
+    if !refusal.is_empty() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(refusal)).await;
+    }
     let _ = stream.shutdown().await;
 }

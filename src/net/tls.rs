@@ -8,6 +8,8 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, ring};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +69,51 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .with_no_client_auth()
         .with_single_cert(load_certs(cert)?, load_key(key)?)?;
     Ok(Arc::new(cfg))
+}
+
+/// The HTTPS side: several certificates, each presented to the clients whose SNI it is
+/// valid for (the first one otherwise, and to clients that send no SNI), and ALPN
+/// `http/1.1` only: Windows authentication and RPC over HTTP break over HTTP/2.
+pub fn https_server_config(certs: &[(&Path, &Path)]) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let mut keys = Vec::new();
+    for (cert, key) in certs {
+        let chain = load_certs(cert)?;
+        let signing = provider.key_provider.load_private_key(load_key(key)?)?;
+        keys.push(Arc::new(CertifiedKey::new(chain, signing)));
+    }
+    if keys.is_empty() {
+        return Err(TlsError::NoCert("[https] (no [[https.cert]])".into()));
+    }
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(BySni { keys }));
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Picks the certificate valid for the client's SNI name.
+#[derive(Debug)]
+struct BySni {
+    /// Never empty.
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let valid_for = |name: &ServerName<'_>, ck: &CertifiedKey| {
+            ck.cert.first().is_some_and(|der| {
+                webpki::EndEntityCert::try_from(der)
+                    .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+            })
+        };
+        let chosen = hello
+            .server_name()
+            .and_then(|sni| ServerName::try_from(sni).ok())
+            .and_then(|name| self.keys.iter().find(|ck| valid_for(&name, ck)));
+        chosen.or_else(|| self.keys.first()).cloned()
+    }
 }
 
 /// The client side towards a target's servers.

@@ -1,0 +1,226 @@
+//! The client side of the HTTPS proxy: one hyper HTTP/1.1 server per accepted TLS
+//! connection (the net listener did the handshake), each request routed to the target that
+//! owns its mailbox now and forwarded with its body streaming.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use super::forward::{Backends, Body};
+use crate::net::{Accepted, Handler, Shutdown, Stream};
+use crate::route::{Route, Router, RoutingTable};
+
+/// Limits of the client side.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A client must send its whole request head within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// The most bytes hyper buffers for one connection's request head.
+    pub max_head_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+            max_head_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What every HTTPS connection shares.
+pub struct HttpsCtx {
+    pub router: Arc<Router>,
+    pub backends: Arc<Backends>,
+    /// Registry index of `[https] default_target`.
+    pub default_target: Option<usize>,
+    pub limits: Limits,
+}
+
+/// Where a request goes and why.
+struct Routed {
+    target: usize,
+    /// The mailbox (or the anchor as given) that decided: the key of server affinity.
+    key: String,
+    source: &'static str,
+}
+
+impl Handler for HttpsCtx {
+    async fn serve(self: Arc<Self>, conn: Accepted, mut shutdown: Shutdown) {
+        let peer = conn.peer;
+        let io = match conn.stream {
+            Stream::Tls(tls) => TokioIo::new(tls),
+            // The HTTPS listener always has its TLS acceptor.
+            Stream::Plain(_) => return,
+        };
+        let ctx = Arc::clone(&self);
+        let svc = hyper::service::service_fn(move |req| {
+            let ctx = Arc::clone(&ctx);
+            async move { Ok::<_, std::convert::Infallible>(ctx.handle(req, peer).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_buf_size(self.limits.max_head_bytes)
+            .serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %peer, error = %e, "HTTPS connection ended");
+                }
+            }
+            () = shutdown.signalled() => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+}
+
+impl HttpsCtx {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let table = self.router.snapshot();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let Some(routed) = self.route(&table, &req) else {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no target for this request: it names no mailbox and [https] has no default_target",
+            );
+        };
+        let target = &self.backends.targets[routed.target];
+        let Some(server) = target.servers.iter().find(|s| s.upstream.is_up()) else {
+            tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
+            let mut r = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the mailbox server is not reachable right now, try again later",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            return r;
+        };
+        let req = prepare(req, peer);
+        let result = self.backends.send(target, server, req).await;
+        let status = match &result {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 502,
+        };
+        tracing::info!(
+            client = %peer, method = %method, path = %path, source = routed.source,
+            mailbox = %routed.key, target = %target.name, server = %server.upstream.addr,
+            status, ms = started.elapsed().as_millis() as u64, version = %table.version(),
+            "request"
+        );
+        match result {
+            Ok(res) => res.map(BodyExt::boxed),
+            Err(e) => {
+                tracing::warn!(target = %target.name, error = %e, "HTTPS backend failed");
+                answer(StatusCode::BAD_GATEWAY, "the mailbox server did not answer")
+            }
+        }
+    }
+
+    /// The target that owns the request's mailbox: `X-AnchorMailbox` when it names a
+    /// mailbox of the table, else the domain's rule for it, else `default_target`.
+    fn route(&self, table: &RoutingTable, req: &Request<Incoming>) -> Option<Routed> {
+        let anchor = req
+            .headers()
+            .get("x-anchormailbox")
+            .and_then(|v| v.to_str().ok());
+        if let Some(a) = anchor {
+            match table.lookup(a) {
+                Route::Mailbox(m) => {
+                    let target = self
+                        .backends
+                        .targets
+                        .iter()
+                        .position(|t| &*t.name == m.owner_name())?;
+                    return Some(Routed {
+                        target,
+                        key: m.address().to_string(),
+                        source: "hint",
+                    });
+                }
+                Route::DomainDefault { target, .. } => {
+                    let name = table.target_name(target);
+                    let target = self
+                        .backends
+                        .targets
+                        .iter()
+                        .position(|t| &*t.name == name)?;
+                    return Some(Routed {
+                        target,
+                        key: a.to_ascii_lowercase(),
+                        source: "default",
+                    });
+                }
+                Route::Reject { .. } | Route::NotOurs => {}
+            }
+        }
+        self.default_target.map(|target| Routed {
+            target,
+            key: String::new(),
+            source: "default",
+        })
+    }
+}
+
+/// The request as the backend gets it: hop-by-hop headers out (RFC 9110 §7.6.1), the
+/// client named in `X-Forwarded-For`/`-Proto`, no `Via` (IIS asks for NTLM again on every
+/// request that has one), `Authorization` untouched.
+fn prepare(req: Request<Incoming>, peer: SocketAddr) -> Request<Body> {
+    let (mut parts, body) = req.into_parts();
+    let h = &mut parts.headers;
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    h.remove(header::VIA);
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    Request::from_parts(parts, body.boxed())
+}
+
+/// One of coexist's own answers.
+fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
+    let body = Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,297 @@
+//! The HTTPS proxy end to end: a hyper client over real TLS (ALPN http/1.1) through coexist
+//! to two recording HTTP backends, one per migration side. Each request must reach the side
+//! that owns the mailbox it names, with its method, path, headers and body intact.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use coexist::app::Running;
+use coexist::config::Config;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use support::TestCert;
+
+/// What a backend received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    uri: String,
+    headers: hyper::HeaderMap,
+    body: Bytes,
+}
+
+/// A plain-HTTP backend that records each request and answers `<name> <path>`.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    async fn start(name: &'static str) -> Recorder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let log = Arc::clone(&log);
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                let body = body.collect().await?.to_bytes();
+                                log.lock().unwrap().push(Seen {
+                                    method: parts.method.to_string(),
+                                    uri: parts.uri.to_string(),
+                                    headers: parts.headers,
+                                    body,
+                                });
+                                let text = format!("{name} {}", parts.uri.path());
+                                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(text))))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    /// The requests that came through the proxy (coexist's health probes left out).
+    fn seen(&self) -> Vec<Seen> {
+        let all = self.seen.lock().unwrap().clone();
+        all.into_iter()
+            .filter(|s| {
+                s.headers
+                    .get("user-agent")
+                    .is_none_or(|u| u != "coexist-health")
+            })
+            .collect()
+    }
+
+    fn probes(&self) -> usize {
+        let all = self.seen.lock().unwrap().len();
+        all - self.seen().len()
+    }
+}
+
+struct Setup {
+    old: Recorder,
+    new: Recorder,
+    running: Running,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let old = Recorder::start("old").await;
+    let new = Recorder::start("new").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), support::ROUTES).unwrap();
+    let (cert, key) = TestCert::new().write(dir.path());
+    let cfg = format!(
+        "[smtp]\n[[smtp.listener]]\nlisten = \"127.0.0.1:0\"\nmode = \"relay\"\n\
+         [https]\nlisten = \"127.0.0.1:0\"\ndefault_target = \"old\"\n\
+         [[https.cert]]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [targets.old]\nsmtp = [\"127.0.0.1:9\"]\nhttps = [\"http://{}\"]\n\
+         [targets.new]\nsmtp = [\"127.0.0.1:9\"]\nhttps = [\"http://{}\"]\n",
+        cert.display(),
+        key.display(),
+        old.addr,
+        new.addr
+    );
+    std::fs::write(dir.path().join("coexist.toml"), cfg).unwrap();
+    let running = Running::start(Config::load(&dir.path().join("coexist.toml")).unwrap())
+        .await
+        .unwrap();
+    Setup {
+        old,
+        new,
+        running,
+        _dir: dir,
+    }
+}
+
+/// One keep-alive HTTPS connection to the proxy, as a client that checks nothing of the
+/// certificate (it is self-signed) but offers only http/1.1.
+async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let mut tls = (*coexist::net::tls::client_config(false, None).unwrap()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn send(
+    c: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (u16, String) {
+    c.ready().await.unwrap();
+    let res = c.send_request(req).await.unwrap();
+    let status = res.status().as_u16();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn each_request_reaches_the_side_that_owns_its_mailbox() {
+    let s = setup().await;
+    let addr = s.running.https_addr.expect("https listener");
+    let mut c = connect(addr).await;
+
+    // EWS for alice (site paris, owned by new), with an NTLM-style Authorization that must
+    // pass untouched and a hop-by-hop header that must not.
+    let soap = "<soap:Envelope><soap:Body><m:GetFolder/></soap:Body></soap:Envelope>";
+    let req = Request::post("/EWS/Exchange.asmx")
+        .header("host", "mail.example.com")
+        .header("x-anchormailbox", "alice@example.com")
+        .header(
+            "authorization",
+            "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw==",
+        )
+        .header("content-type", "text/xml; charset=utf-8")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .header("via", "1.1 someone")
+        .body(Full::new(Bytes::from(soap)))
+        .unwrap();
+    assert_eq!(
+        send(&mut c, req).await,
+        (200, "new /EWS/Exchange.asmx".into())
+    );
+
+    // ActiveSync Ping for bob (site berlin, owned by old), on the same client connection.
+    let req = Request::post(
+        "/Microsoft-Server-ActiveSync?Cmd=Ping&User=bob&DeviceId=v140Device&DeviceType=SmartPhone",
+    )
+    .header("host", "mail.example.com")
+    .header("x-anchormailbox", "bob@example.com")
+    .header("ms-asprotocolversion", "16.1")
+    .body(Full::new(Bytes::from_static(b"\x03\x01j\x00")))
+    .unwrap();
+    assert_eq!(
+        send(&mut c, req).await,
+        (200, "old /Microsoft-Server-ActiveSync".into())
+    );
+
+    // Nothing names a mailbox: the default target.
+    let req = Request::get("/owa/")
+        .header("host", "mail.example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&mut c, req).await, (200, "old /owa/".into()));
+
+    let new = s.new.seen();
+    assert_eq!(new.len(), 1, "{new:?}");
+    let ews = &new[0];
+    assert_eq!(ews.method, "POST");
+    assert_eq!(ews.uri, "/EWS/Exchange.asmx");
+    assert_eq!(ews.body, soap.as_bytes());
+    assert_eq!(
+        ews.headers["authorization"],
+        "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw=="
+    );
+    assert_eq!(ews.headers["x-anchormailbox"], "alice@example.com");
+    assert_eq!(ews.headers["host"], "mail.example.com");
+    assert_eq!(ews.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(ews.headers["x-forwarded-proto"], "https");
+    assert!(ews.headers.get("x-hop").is_none(), "{:?}", ews.headers);
+    assert!(ews.headers.get("via").is_none(), "{:?}", ews.headers);
+
+    let old = s.old.seen();
+    assert_eq!(old.len(), 2, "{old:?}");
+    assert_eq!(
+        old[0].uri,
+        "/Microsoft-Server-ActiveSync?Cmd=Ping&User=bob&DeviceId=v140Device&DeviceType=SmartPhone"
+    );
+    assert_eq!(&old[0].body[..], b"\x03\x01j\x00");
+    assert_eq!(old[1].uri, "/owa/");
+    // Both sides were probed at start, on the health-check page.
+    assert!(s.old.probes() >= 1 && s.new.probes() >= 1);
+    let probe = s.old.seen.lock().unwrap()[0].clone();
+    assert_eq!(probe.uri, "/owa/HealthCheck.htm");
+}
+
+#[tokio::test]
+async fn a_cutover_moves_the_next_request() {
+    let s = setup().await;
+    let addr = s.running.https_addr.expect("https listener");
+    let mut c = connect(addr).await;
+    let ews = || {
+        Request::post("/EWS/Exchange.asmx")
+            .header("host", "mail.example.com")
+            .header("x-anchormailbox", "bob@example.com")
+            .body(Full::new(Bytes::from_static(b"<x/>")))
+            .unwrap()
+    };
+    assert_eq!(send(&mut c, ews()).await.1, "old /EWS/Exchange.asmx");
+    let change = coexist::control::Change::Site {
+        site: "berlin".into(),
+        to: "new".into(),
+    };
+    s.running
+        .control
+        .cutover(&change, false, false, "test")
+        .unwrap();
+    // Same client connection, next request: the new owner.
+    assert_eq!(send(&mut c, ews()).await.1, "new /EWS/Exchange.asmx");
+}
+
+#[tokio::test]
+async fn a_target_whose_servers_are_all_down_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("routes.toml"), support::ROUTES).unwrap();
+    let (cert, key) = TestCert::new().write(dir.path());
+    // Nothing listens on the discard port: the connection is refused.
+    let cfg = format!(
+        "[smtp]\n[[smtp.listener]]\nlisten = \"127.0.0.1:0\"\nmode = \"relay\"\n\
+         [https]\nlisten = \"127.0.0.1:0\"\n\
+         [[https.cert]]\ncert = \"{}\"\nkey = \"{}\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [targets.old]\nsmtp = [\"127.0.0.1:9\"]\nhttps = [\"http://127.0.0.1:9\"]\n\
+         [targets.new]\nsmtp = [\"127.0.0.1:9\"]\nhttps = [\"http://127.0.0.1:9\"]\n",
+        cert.display(),
+        key.display()
+    );
+    std::fs::write(dir.path().join("coexist.toml"), cfg).unwrap();
+    let running = Running::start(Config::load(&dir.path().join("coexist.toml")).unwrap())
+        .await
+        .unwrap();
+    let mut c = connect(running.https_addr.unwrap()).await;
+    let req = || {
+        Request::get("/EWS/Exchange.asmx")
+            .header("host", "mail.example.com")
+            .header("x-anchormailbox", "bob@example.com")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // Refused connections count against the server until it is down (two in a row: the
+    // start-up probe and this request).
+    let (status, _) = send(&mut c, req()).await;
+    assert_eq!(status, 502);
+    let res = {
+        c.ready().await.unwrap();
+        c.send_request(req()).await.unwrap()
+    };
+    assert_eq!(res.status().as_u16(), 503);
+    assert_eq!(res.headers()["retry-after"], "30");
+}
