@@ -36,6 +36,7 @@ pub mod control;
 pub mod date;
 pub mod demo;
 pub mod diagnostics;
+pub mod https;
 pub mod metric_names;
 pub mod net;
 pub mod route;
