@@ -60,8 +60,8 @@ impl Proto {
 }
 
 /// Removes the hop-by-hop fields and every field named in a `Connection` header (RFC 9110
-/// §7.6.1), except `Host` and `Content-Length` (see [`NEVER_LISTED`]). For requests towards
-/// a backend and responses towards a client alike.
+/// §7.6.1), except `Host` and `Content-Length`, which are the proxy's to forward. For
+/// requests towards a backend and responses towards a client alike.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(CONNECTION)
