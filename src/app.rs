@@ -295,6 +295,7 @@ impl Running {
                 backends,
                 default_target,
                 limits: crate::https::server::Limits::default(),
+                rules: crate::https::harden::Rules::default(),
             });
             let options = ListenOptions {
                 implicit_tls: Some(acceptor),

@@ -295,3 +295,46 @@ async fn a_target_whose_servers_are_all_down_answers_503() {
     assert_eq!(res.status().as_u16(), 503);
     assert_eq!(res.headers()["retry-after"], "30");
 }
+
+#[tokio::test]
+async fn attack_shapes_are_refused_before_any_backend_sees_them() {
+    let s = setup().await;
+    let mut c = connect(s.running.https_addr.unwrap()).await;
+    let get = |path: &str| {
+        Request::get(path)
+            .header("host", "mail.example.com")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    // ProxyShell's first request (CVE-2021-34473), and remote PowerShell (no side pinned).
+    let proxyshell = "/autodiscover/autodiscover.json?@evil.example/mapi/nspi/?&Email=autodiscover/autodiscover.json%3F@evil.example";
+    let (status, _) = send(&mut c, get(proxyshell)).await;
+    assert!((400..500).contains(&status), "{status}");
+    let mut c = connect(s.running.https_addr.unwrap()).await;
+    let (status, _) = send(&mut c, get("/PowerShell/")).await;
+    assert!((400..500).contains(&status), "{status}");
+    // ProxyLogon's backend-steering cookie.
+    let mut c = connect(s.running.https_addr.unwrap()).await;
+    let req = Request::get("/ecp/y.js")
+        .header("host", "mail.example.com")
+        .header("cookie", "X-BEResource=localhost/owa/auth/logon.aspx?~3")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _) = send(&mut c, req).await;
+    assert!((400..500).contains(&status), "{status}");
+    assert!(s.old.seen().is_empty() && s.new.seen().is_empty());
+
+    // A legitimate Autodiscover v2 request passes; a client's own X-Forwarded-For is not
+    // believed.
+    let mut c = connect(s.running.https_addr.unwrap()).await;
+    let req = Request::get("/autodiscover/autodiscover.json/v1.0/bob@example.com?Protocol=EWS")
+        .header("host", "mail.example.com")
+        .header("x-forwarded-for", "10.9.9.9")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _) = send(&mut c, req).await;
+    assert_eq!(status, 200);
+    let old = s.old.seen();
+    assert_eq!(old.len(), 1);
+    assert_eq!(old[0].headers["x-forwarded-for"], "127.0.0.1");
+}

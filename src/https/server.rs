@@ -9,11 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
+use super::affinity;
 use super::forward::{Backends, Body};
+use super::harden::{self, Admit};
+use super::headers::{self, Proto};
 use crate::net::{Accepted, Handler, Shutdown, Stream};
 use crate::route::{Route, Router, RoutingTable};
 
@@ -42,6 +45,8 @@ pub struct HttpsCtx {
     /// Registry index of `[https] default_target`.
     pub default_target: Option<usize>,
     pub limits: Limits,
+    /// Request shapes refused before routing, and where remote PowerShell goes.
+    pub rules: harden::Rules,
 }
 
 /// Where a request goes and why.
@@ -92,14 +97,41 @@ impl HttpsCtx {
         let table = self.router.snapshot();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let Some(routed) = self.route(&table, &req) else {
+        let routed = match harden::check(&self.rules, req.uri(), req.headers()) {
+            Err(refusal) => {
+                tracing::warn!(client = %peer, method = %method, path = %path, why = refusal.why, "HTTPS request refused");
+                let status =
+                    StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+                return answer(status, refusal.why);
+            }
+            Ok(Admit::PowerShell(name)) => self
+                .backends
+                .targets
+                .iter()
+                .position(|t| &*t.name == name)
+                .map(|target| Routed {
+                    target,
+                    key: String::new(),
+                    source: "powershell",
+                }),
+            Ok(Admit::Route) => self.route(&table, &req),
+        };
+        let Some(routed) = routed else {
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no target for this request: it names no mailbox and [https] has no default_target",
             );
         };
         let target = &self.backends.targets[routed.target];
-        let Some(server) = target.servers.iter().find(|s| s.upstream.is_up()) else {
+        // The same server for the same mailbox (RPC's IN and OUT channels, EWS streaming),
+        // and a server leaving moves only its own mailboxes.
+        let server = affinity::pick(
+            &routed.key,
+            &target.servers,
+            |s| s.upstream.addr.as_str(),
+            |s| s.upstream.is_up(),
+        );
+        let Some(server) = server else {
             tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
             let mut r = answer(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -175,39 +207,12 @@ impl HttpsCtx {
     }
 }
 
-/// The request as the backend gets it: hop-by-hop headers out (RFC 9110 §7.6.1), the
-/// client named in `X-Forwarded-For`/`-Proto`, no `Via` (IIS asks for NTLM again on every
-/// request that has one), `Authorization` untouched.
+/// The request as the backend gets it ([`headers::prepare_request`]): hop-by-hop headers
+/// out, the client named in `X-Forwarded-For`/`-Proto` (what the client itself sent there
+/// is not trusted), no `Via`, `Authorization` untouched.
 fn prepare(req: Request<Incoming>, peer: SocketAddr) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
-    let h = &mut parts.headers;
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    h.remove("proxy-connection");
-    h.remove(header::VIA);
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        h.insert("x-forwarded-for", v);
-    }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    headers::prepare_request(&mut parts.headers, peer.ip(), Proto::Https, false);
     Request::from_parts(parts, body.boxed())
 }
 
