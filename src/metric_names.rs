@@ -19,6 +19,8 @@ pub const SPOOL_RECIPIENTS: &str = "coexist_spool_recipients_total";
 pub const ROUTE_SWAPS: &str = "coexist_route_swaps_total";
 pub const ROUTE_TABLE_MAILBOXES: &str = "coexist_route_table_mailboxes";
 pub const BACKEND_UP: &str = "coexist_backend_up";
+pub const HTTP_REQUESTS: &str = "coexist_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "coexist_http_request_seconds";
 /// Not kept in the recorder: rendered by `/metrics` from the active table, because the
 /// recorder keeps every label set it ever saw and this one must show one version only.
 pub const ROUTE_TABLE_VERSION_INFO: &str = "coexist_route_table_version_info";
@@ -77,6 +79,17 @@ pub fn describe() {
     );
     metrics::describe_gauge!(
         BACKEND_UP,
-        "Backend SMTP server health by target and server: 1 up, 0 down."
+        "Backend server health (SMTP and HTTPS) by target and server: 1 up, 0 down."
+    );
+    metrics::describe_counter!(
+        HTTP_REQUESTS,
+        "HTTPS requests by target, Exchange protocol (owa, ews, activesync, mapi, rpc, \
+         autodiscover, oab, ecp, powershell, other), identity source (hint, cookie, login, \
+         learned, default, refused) and status code."
+    );
+    metrics::describe_histogram!(
+        HTTP_REQUEST_SECONDS,
+        Unit::Seconds,
+        "Time from a request's head to the backend's response head, by target and protocol."
     );
 }
