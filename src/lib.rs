@@ -18,7 +18,8 @@
 //! app, demo          wire everything, own shutdown            (main.rs: the CLI on top)
 //! admin              admin API, /metrics, status page
 //! control            reload / cutover / rollback: files, history, swaps
-//! smtp               sessions, backend transactions and pool, spool  (https joins here)
+//! smtp, https        SMTP sessions, backend transactions and pool, spool │ HTTPS: which
+//!                    mailbox a request belongs to (identity; the listener comes next)
 //! traffic            lock-free per-target/site meters for the page and counters
 //! net, upstream      listeners, TLS, shutdown, resolver, PROXY v2 │ targets, servers, health
 //! config, route      coexist.toml → Config │ routes → RoutingTable → Router

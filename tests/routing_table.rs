@@ -166,6 +166,24 @@ fn lookups_by_every_key() {
 }
 
 #[test]
+fn a_domain_alone_routes_as_an_address_that_names_no_mailbox() {
+    let t = load(BASE, None).unwrap();
+    let route = |d: &str| match t.lookup_domain(d) {
+        Route::DomainDefault { domain, target } => {
+            format!("default {domain} {}", t.target_name(target))
+        }
+        Route::Reject { domain } => format!("reject {domain}"),
+        Route::Mailbox(m) => format!("mailbox {}", m.address()),
+        Route::NotOurs => "not ours".into(),
+    };
+    assert_eq!(route("Example.COM."), "default example.com old");
+    assert_eq!(route("BÜCHER.example"), "default xn--bcher-kva.example new");
+    assert_eq!(route("example.org"), "reject example.org");
+    assert_eq!(route("sub.example.com"), "not ours");
+    assert_eq!(route(""), "not ours");
+}
+
+#[test]
 fn csv_imports_join_the_table() {
     let routes = format!("{BASE}\n[import]\ncsv = [\"m.csv\"]\n");
     let csv = "#TYPE Selected.Mailbox\n\

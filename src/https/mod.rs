@@ -12,4 +12,5 @@ pub mod cookie;
 pub mod forward;
 pub mod harden;
 pub mod headers;
+pub mod identity;
 pub mod server;

@@ -447,25 +447,9 @@ impl RoutingTable {
         let Ok((local, domain)) = split_address(address) else {
             return Route::NotOurs;
         };
-        let mut dbuf = [0u8; MAX_DOMAIN_LEN + 1];
-        let d = if domain.is_ascii() && domain.len() <= dbuf.len() {
-            // Lower-casing is the whole canonical form of an ASCII domain that the table
-            // holds; anything invalid simply is not in the index.
-            let dom = &mut dbuf[..domain.len()];
-            dom.copy_from_slice(domain.as_bytes());
-            dom.make_ascii_lowercase();
-            let dom = dom.strip_suffix(b".").unwrap_or(dom);
-            self.domain_index.get(dom)
-        } else {
-            match canonical_domain(domain) {
-                Ok(c) => self.domain_index.get(c.as_bytes()),
-                Err(_) => None,
-            }
-        };
-        let Some(&d) = d else {
+        let Some(rec) = self.domain_rec(domain) else {
             return Route::NotOurs;
         };
-        let rec = &self.domains[d as usize];
         let keep_case = rec.policy.case_sensitive;
         let mut buf = KeyBuf::new();
         if let Some(key) = buf.build(local, &rec.name, keep_case)
@@ -481,6 +465,40 @@ impl RoutingTable {
         {
             return Route::Mailbox(self.entry_ref(e));
         }
+        Self::unknown_route(rec)
+    }
+
+    /// Routes a domain alone, as [`lookup`](Self::lookup) routes an address of it that
+    /// names no mailbox: `DomainDefault`, `Reject`, or `NotOurs` for a domain the table
+    /// does not route. The HTTPS default step knows a request's domain (a placeholder
+    /// anchor, a `<guid>@domain` hint) when it knows no mailbox.
+    pub fn lookup_domain(&self, domain: &str) -> Route<'_> {
+        match self.domain_rec(domain) {
+            Some(rec) => Self::unknown_route(rec),
+            None => Route::NotOurs,
+        }
+    }
+
+    fn domain_rec(&self, domain: &str) -> Option<&DomainRec> {
+        let mut dbuf = [0u8; MAX_DOMAIN_LEN + 1];
+        let d = if domain.is_ascii() && domain.len() <= dbuf.len() {
+            // Lower-casing is the whole canonical form of an ASCII domain that the table
+            // holds; anything invalid simply is not in the index.
+            let dom = &mut dbuf[..domain.len()];
+            dom.copy_from_slice(domain.as_bytes());
+            dom.make_ascii_lowercase();
+            let dom = dom.strip_suffix(b".").unwrap_or(dom);
+            self.domain_index.get(dom)
+        } else {
+            match canonical_domain(domain) {
+                Ok(c) => self.domain_index.get(c.as_bytes()),
+                Err(_) => None,
+            }
+        };
+        d.map(|&d| &self.domains[d as usize])
+    }
+
+    fn unknown_route(rec: &DomainRec) -> Route<'_> {
         match rec.unknown {
             Unknown::Target(target) => Route::DomainDefault {
                 domain: &rec.name,
