@@ -338,3 +338,70 @@ async fn attack_shapes_are_refused_before_any_backend_sees_them() {
     assert_eq!(old.len(), 1);
     assert_eq!(old[0].headers["x-forwarded-for"], "127.0.0.1");
 }
+
+/// The identity sources of SPEC §5.3 through the listener: a hint in the URL, the login
+/// when the hint is a placeholder, and the metrics that say which source decided.
+#[tokio::test]
+async fn the_mailbox_is_found_where_each_client_names_it() {
+    let s = setup().await;
+    let addr = s.running.https_addr.unwrap();
+    let mut c = connect(addr).await;
+    let get = |path: &str| Request::get(path).header("host", "mail.example.com");
+    // Autodiscover v2 names the mailbox in its path: alice is on new.
+    let req = get("/autodiscover/autodiscover.json/v1.0/alice@example.com?Protocol=EWS")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        send(&mut c, req).await.1,
+        "new /autodiscover/autodiscover.json/v1.0/alice@example.com"
+    );
+    // exchangelib's placeholder anchor names no mailbox; the Basic login (a logon name of
+    // alice's) decides.
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("EXAMPLE\\alice:secret");
+    let req = get("/EWS/Exchange.asmx")
+        .header("x-anchormailbox", "DUMMY@example.com")
+        .header("authorization", format!("Basic {basic}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&mut c, req).await.1, "new /EWS/Exchange.asmx");
+    // ActiveSync names its user in the query.
+    let req = get(
+        "/Microsoft-Server-ActiveSync?Cmd=Sync&User=EXAMPLE%5Cbob&DeviceId=d1&DeviceType=iPhone",
+    )
+    .body(Full::new(Bytes::new()))
+    .unwrap();
+    assert_eq!(
+        send(&mut c, req).await.1,
+        "old /Microsoft-Server-ActiveSync"
+    );
+
+    // /metrics counts each request by target, protocol, identity source and status.
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut t = tokio::net::TcpStream::connect(s.running.admin_addr)
+            .await
+            .unwrap();
+        t.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        t.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    for (protocol, source) in [
+        ("autodiscover_v2", "hint"),
+        ("ews", "login"),
+        ("activesync", "hint"),
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("coexist_http_requests_total{")
+                    && l.contains(&format!("protocol=\"{protocol}\""))
+                    && l.contains(&format!("source=\"{source}\""))
+                    && l.contains("status=\"200\"")),
+            "{protocol}/{source} not counted:\n{metrics}"
+        );
+    }
+}

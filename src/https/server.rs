@@ -17,8 +17,9 @@ use super::affinity;
 use super::forward::{Backends, Body};
 use super::harden::{self, Admit};
 use super::headers::{self, Proto};
+use super::identity::{self, Key, RequestView, Resolved, Source};
 use crate::net::{Accepted, Handler, Shutdown, Stream};
-use crate::route::{Route, Router, RoutingTable};
+use crate::route::{Router, RoutingTable};
 
 /// Limits of the client side.
 #[derive(Debug, Clone)]
@@ -97,26 +98,25 @@ impl HttpsCtx {
         let table = self.router.snapshot();
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let protocol = identity::classify(&path).label();
         let routed = match harden::check(&self.rules, req.uri(), req.headers()) {
             Err(refusal) => {
-                tracing::warn!(client = %peer, method = %method, path = %path, why = refusal.why, "HTTPS request refused");
+                tracing::warn!(client = %peer, method = %method, path = %path, protocol, why = refusal.why, "HTTPS request refused");
                 let status =
                     StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
+                count("-", protocol, "refused", status.as_u16());
                 return answer(status, refusal.why);
             }
-            Ok(Admit::PowerShell(name)) => self
-                .backends
-                .targets
-                .iter()
-                .position(|t| &*t.name == name)
-                .map(|target| Routed {
-                    target,
-                    key: String::new(),
-                    source: "powershell",
-                }),
+            // Pinned by the config: not a mailbox's request, so its source is `default`.
+            Ok(Admit::PowerShell(name)) => self.index_of(name).map(|target| Routed {
+                target,
+                key: String::new(),
+                source: Source::Default.label(),
+            }),
             Ok(Admit::Route) => self.route(&table, &req),
         };
         let Some(routed) = routed else {
+            count("-", protocol, Source::Default.label(), 503);
             return answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no target for this request: it names no mailbox and [https] has no default_target",
@@ -133,6 +133,7 @@ impl HttpsCtx {
         );
         let Some(server) = server else {
             tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
+            count(&target.name, protocol, routed.source, 503);
             let mut r = answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the mailbox server is not reachable right now, try again later",
@@ -147,10 +148,18 @@ impl HttpsCtx {
             Ok(r) => r.status().as_u16(),
             Err(_) => 502,
         };
+        let elapsed = started.elapsed();
+        count(&target.name, protocol, routed.source, status);
+        metrics::histogram!(
+            crate::metric_names::HTTP_REQUEST_SECONDS,
+            "target" => target.name.to_string(),
+            "protocol" => protocol
+        )
+        .record(elapsed.as_secs_f64());
         tracing::info!(
-            client = %peer, method = %method, path = %path, source = routed.source,
+            client = %peer, method = %method, path = %path, protocol, source = routed.source,
             mailbox = %routed.key, target = %target.name, server = %server.upstream.addr,
-            status, ms = started.elapsed().as_millis() as u64, version = %table.version(),
+            status, ms = elapsed.as_millis() as u64, version = %table.version(),
             "request"
         );
         match result {
@@ -162,48 +171,66 @@ impl HttpsCtx {
         }
     }
 
-    /// The target that owns the request's mailbox: `X-AnchorMailbox` when it names a
-    /// mailbox of the table, else the domain's rule for it, else `default_target`.
+    /// The target that owns the request's mailbox: the first identity candidate
+    /// (SPEC §5.3: hints, then the login, then the domain defaults) that the active table
+    /// resolves, else `default_target`.
     fn route(&self, table: &RoutingTable, req: &Request<Incoming>) -> Option<Routed> {
-        let anchor = req
-            .headers()
-            .get("x-anchormailbox")
-            .and_then(|v| v.to_str().ok());
-        if let Some(a) = anchor {
-            match table.lookup(a) {
-                Route::Mailbox(m) => {
-                    let target = self
-                        .backends
-                        .targets
-                        .iter()
-                        .position(|t| &*t.name == m.owner_name())?;
-                    return Some(Routed {
-                        target,
-                        key: m.address().to_string(),
-                        source: "hint",
-                    });
-                }
-                Route::DomainDefault { target, .. } => {
-                    let name = table.target_name(target);
-                    let target = self
-                        .backends
-                        .targets
-                        .iter()
-                        .position(|t| &*t.name == name)?;
-                    return Some(Routed {
-                        target,
-                        key: a.to_ascii_lowercase(),
-                        source: "default",
-                    });
-                }
-                Route::Reject { .. } | Route::NotOurs => {}
-            }
+        let view = RequestView {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            // Bodies (Autodiscover POST, OWA logon) are not read before routing yet.
+            body: None,
+        };
+        let candidates = identity::candidates(&view, None, None);
+        if let Some((resolved, candidate)) = identity::first_match(table, &candidates) {
+            let target = self.index_of(table.target_name(resolved.target()))?;
+            let key = match resolved {
+                Resolved::Mailbox(m) => m.address().to_string(),
+                Resolved::Target(_) => key_text(&candidate.key),
+            };
+            return Some(Routed {
+                target,
+                key,
+                source: candidate.source.label(),
+            });
         }
         self.default_target.map(|target| Routed {
             target,
             key: String::new(),
-            source: "default",
+            source: Source::Default.label(),
         })
+    }
+
+    fn index_of(&self, target: &str) -> Option<usize> {
+        self.backends
+            .targets
+            .iter()
+            .position(|t| &*t.name == target)
+    }
+}
+
+/// Counts one request in `coexist_http_requests_total`.
+fn count(target: &str, protocol: &'static str, source: &'static str, status: u16) {
+    metrics::counter!(
+        crate::metric_names::HTTP_REQUESTS,
+        "target" => target.to_string(),
+        "protocol" => protocol,
+        "source" => source,
+        "status" => status.to_string()
+    )
+    .increment(1);
+}
+
+/// The text of an identity key, for server affinity and the log when no mailbox matched.
+fn key_text(key: &Key) -> String {
+    match key {
+        Key::Smtp(s) | Key::Login(s) | Key::LegacyDn(s) | Key::Server(s) | Key::Domain(s) => {
+            s.to_ascii_lowercase()
+        }
+        Key::Guid { guid, .. } => guid.to_string(),
+        Key::Sid { sid, .. } => sid.clone(),
     }
 }
 
