@@ -7,6 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use coexist::app::Running;
 use coexist::config::Config;
@@ -357,7 +358,6 @@ async fn the_mailbox_is_found_where_each_client_names_it() {
     );
     // exchangelib's placeholder anchor names no mailbox; the Basic login (a logon name of
     // alice's) decides.
-    use base64::Engine as _;
     let basic = base64::engine::general_purpose::STANDARD.encode("EXAMPLE\\alice:secret");
     let req = get("/EWS/Exchange.asmx")
         .header("x-anchormailbox", "DUMMY@example.com")
