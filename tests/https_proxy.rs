@@ -19,6 +19,8 @@ use support::TestCert;
 /// What a backend received.
 #[derive(Debug, Clone)]
 struct Seen {
+    /// Which backend connection carried it (counted from 0 per backend).
+    conn: usize,
     method: String,
     uri: String,
     headers: hyper::HeaderMap,
@@ -38,7 +40,7 @@ impl Recorder {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let log = Arc::clone(&seen);
         tokio::spawn(async move {
-            loop {
+            for conn in 0.. {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
@@ -51,6 +53,7 @@ impl Recorder {
                                 let (parts, body) = req.into_parts();
                                 let body = body.collect().await?.to_bytes();
                                 log.lock().unwrap().push(Seen {
+                                    conn,
                                     method: parts.method.to_string(),
                                     uri: parts.uri.to_string(),
                                     headers: parts.headers,
@@ -404,4 +407,41 @@ async fn the_mailbox_is_found_where_each_client_names_it() {
             "{protocol}/{source} not counted:\n{metrics}"
         );
     }
+}
+
+/// A backend connection belongs to one client connection: a client's requests reuse it, and
+/// another client never gets it — IIS authenticates NTLM per TCP connection, so a shared one
+/// would serve the second client as the first user.
+#[tokio::test]
+async fn a_clients_backend_connection_is_never_anothers() {
+    let s = setup().await;
+    let addr = s.running.https_addr.unwrap();
+    let ews = |auth: Option<&str>| {
+        let mut r = Request::post("/EWS/Exchange.asmx")
+            .header("host", "mail.example.com")
+            .header("x-anchormailbox", "alice@example.com");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(Full::new(Bytes::from_static(b"<x/>"))).unwrap()
+    };
+    let mut a = connect(addr).await;
+    assert_eq!(
+        send(&mut a, ews(Some("NTLM TlRMTVNTUAADAAAA"))).await.0,
+        200
+    );
+    // After the handshake, requests on that connection carry no Authorization at all.
+    assert_eq!(send(&mut a, ews(None)).await.0, 200);
+    let mut b = connect(addr).await;
+    assert_eq!(send(&mut b, ews(None)).await.0, 200);
+    assert_eq!(send(&mut a, ews(None)).await.0, 200);
+    let seen = s.new.seen();
+    let conns: Vec<usize> = seen.iter().map(|x| x.conn).collect();
+    assert_eq!(conns.len(), 4);
+    assert_eq!(conns[0], conns[1], "one client, one backend connection");
+    assert_eq!(conns[0], conns[3]);
+    assert_ne!(
+        conns[2], conns[0],
+        "another client, another backend connection"
+    );
 }

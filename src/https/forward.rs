@@ -1,6 +1,12 @@
 //! The backend side of the HTTPS proxy: connections to a target's HTTPS servers — TLS
 //! (re-encrypted, as Extended Protection requires) or plain `http://` for labs — speaking
-//! HTTP/1.1 only, kept per server for reuse. Bodies stream both ways: nothing is buffered.
+//! HTTP/1.1 only. Bodies stream both ways: nothing is buffered.
+//!
+//! A backend connection belongs to one client connection ([`ClientConns`]) and is never
+//! shared with another client: IIS authenticates NTLM and Negotiate per TCP connection, so
+//! a connection one client logged in on would serve the next client as that user (the
+//! HAProxy issue where one user saw another user's mail). It is reused for the same
+//! client's next requests, and closed with it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,8 +29,9 @@ use crate::upstream::{self, Prober, Registry};
 /// own small answers.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// Idle connections kept per server.
-const MAX_IDLE_PER_SERVER: usize = 64;
+/// Backend connections one client connection keeps open at most (one per server it has
+/// reached; a client rarely reaches more than one).
+const MAX_PER_CLIENT: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -46,9 +53,34 @@ pub struct Server {
     addr: String,
     /// `http://` in the config: a plain-HTTP lab backend.
     plain: bool,
-    /// Connections that carried a request and may carry another: taken when ready again
-    /// (a response still streaming keeps its connection busy).
-    idle: Mutex<Vec<SendRequest<Body>>>,
+}
+
+/// The backend connections of one client connection, by server: reused for that client's
+/// next requests only, closed when the client connection ends (dropping the last sender
+/// ends its connection task).
+#[derive(Default)]
+pub struct ClientConns {
+    conns: Mutex<Vec<(Arc<Server>, SendRequest<Body>)>>,
+}
+
+impl ClientConns {
+    /// This client's connection to `server`, if it has one ready for a request.
+    fn take(&self, server: &Arc<Server>) -> Option<SendRequest<Body>> {
+        let mut conns = lock(&self.conns);
+        conns.retain(|(_, s)| !s.is_closed());
+        let i = conns
+            .iter()
+            .position(|(s, c)| Arc::ptr_eq(s, server) && c.is_ready())?;
+        Some(conns.swap_remove(i).1)
+    }
+
+    fn keep(&self, server: &Arc<Server>, sender: SendRequest<Body>) {
+        let mut conns = lock(&self.conns);
+        if conns.len() >= MAX_PER_CLIENT {
+            conns.remove(0);
+        }
+        conns.push((Arc::clone(server), sender));
+    }
 }
 
 /// One target's HTTPS servers.
@@ -88,7 +120,6 @@ impl Backends {
                             upstream: Arc::clone(s),
                             addr,
                             plain,
-                            idle: Mutex::new(Vec::new()),
                         })
                     })
                     .collect(),
@@ -102,15 +133,16 @@ impl Backends {
         })
     }
 
-    /// Sends `req` to `server` of `target` on an idle connection or a new one, and gives the
-    /// response with its body still streaming from the backend.
+    /// Sends `req` to `server` of `target` on the client's own connection to it, or a new
+    /// one, and gives the response with its body still streaming from the backend.
     pub async fn send(
         &self,
+        client: &ClientConns,
         target: &Target,
         server: &Arc<Server>,
         req: Request<Body>,
     ) -> Result<Response<hyper::body::Incoming>, ForwardError> {
-        let mut sender = match take_idle(server) {
+        let mut sender = match client.take(server) {
             Some(s) => s,
             None => {
                 // The data path's connects count in the server's health like probes do.
@@ -129,13 +161,10 @@ impl Backends {
                 server: server.upstream.addr.clone(),
                 source,
             });
-        // Back to the idle list at once: it is taken again only once the response body
-        // has been read to its end and the connection is ready.
+        // Kept for this client at once: taken again only once the response body has been
+        // read to its end and the connection is ready.
         if res.is_ok() && !sender.is_closed() {
-            let mut idle = lock(&server.idle);
-            if idle.len() < MAX_IDLE_PER_SERVER {
-                idle.push(sender);
-            }
+            client.keep(server, sender);
         }
         res
     }
@@ -238,14 +267,6 @@ where
         }
     });
     Ok(sender)
-}
-
-/// An idle connection ready for a request; closed ones are dropped on the way.
-fn take_idle(server: &Server) -> Option<SendRequest<Body>> {
-    let mut idle = lock(&server.idle);
-    idle.retain(|s| !s.is_closed());
-    let i = idle.iter().position(SendRequest::is_ready)?;
-    Some(idle.swap_remove(i))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

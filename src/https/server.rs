@@ -14,7 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::affinity;
-use super::forward::{Backends, Body};
+use super::forward::{Backends, Body, ClientConns};
 use super::harden::{self, Admit};
 use super::headers::{self, Proto};
 use super::identity::{self, Key, RequestView, Resolved, Source};
@@ -67,9 +67,12 @@ impl Handler for HttpsCtx {
             Stream::Plain(_) => return,
         };
         let ctx = Arc::clone(&self);
+        // This client connection's own backend connections (see `forward`).
+        let conns = Arc::new(ClientConns::default());
         let svc = hyper::service::service_fn(move |req| {
             let ctx = Arc::clone(&ctx);
-            async move { Ok::<_, std::convert::Infallible>(ctx.handle(req, peer).await) }
+            let conns = Arc::clone(&conns);
+            async move { Ok::<_, std::convert::Infallible>(ctx.handle(req, peer, &conns).await) }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -93,7 +96,12 @@ impl Handler for HttpsCtx {
 }
 
 impl HttpsCtx {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        conns: &ClientConns,
+    ) -> Response<Body> {
         let started = Instant::now();
         let table = self.router.snapshot();
         let method = req.method().clone();
@@ -143,7 +151,7 @@ impl HttpsCtx {
             return r;
         };
         let req = prepare(req, peer);
-        let result = self.backends.send(target, server, req).await;
+        let result = self.backends.send(conns, target, server, req).await;
         let status = match &result {
             Ok(r) => r.status().as_u16(),
             Err(_) => 502,
