@@ -18,10 +18,9 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use tokio::net::TcpStream;
 
 use crate::config::TargetConfig;
-use crate::net::resolve::Resolver;
+use crate::net::resolve::{ConnectError, Resolver};
 use crate::net::tls;
 use crate::upstream::{self, Prober, Registry};
 
@@ -180,23 +179,14 @@ impl Backends {
             server: name(),
             what,
         };
-        let addrs = self.resolver.resolve(&server.addr).await.map_err(&err)?;
-        let mut last = err("no address".into());
-        let mut tcp = None;
-        for a in addrs {
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(a)).await {
-                Ok(Ok(s)) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => last = err(format!("connect {a}: {e}")),
-                Err(_) => last = ForwardError::Timeout { server: name() },
-            }
-        }
-        let Some(tcp) = tcp else {
-            return Err(last);
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = self
+            .resolver
+            .connect(&server.addr, self.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Timeout => ForwardError::Timeout { server: name() },
+                ConnectError::Failed(what) => err(what),
+            })?;
         if server.plain {
             handshake(TokioIo::new(tcp), server).await
         } else {

@@ -20,7 +20,7 @@ use super::io::{Conn, IoError, Line, LineIo};
 use super::reply::Reply;
 use crate::config::{SmtpTlsMode, TargetConfig};
 use crate::net::proxy_protocol::proxy_v2_header;
-use crate::net::resolve::Resolver;
+use crate::net::resolve::{ConnectError, Resolver};
 use crate::net::tls;
 use crate::route::{RoutingTable, TargetId};
 use crate::upstream::{self, Prober, Protocol, Rank, Registry, probe};
@@ -302,25 +302,16 @@ impl Backends {
             server: name.clone(),
             what,
         };
-        let addrs = self.resolver.resolve(&server.addr).await.map_err(&io_err)?;
-        let mut last = io_err("no address".into());
-        let mut tcp = None;
-        for a in addrs {
-            match tokio::time::timeout(st.connect_timeout, TcpStream::connect(a)).await {
-                Ok(Ok(s)) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Ok(Err(e)) => last = io_err(format!("connect {a}: {e}")),
-                Err(_) => {
-                    last = BackendError::Timeout {
-                        server: name.clone(),
-                    }
-                }
-            }
-        }
-        let Some(mut tcp) = tcp else { return Err(last) };
-        let _ = tcp.set_nodelay(true);
+        let mut tcp = self
+            .resolver
+            .connect(&server.addr, st.connect_timeout)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Timeout => BackendError::Timeout {
+                    server: name.clone(),
+                },
+                ConnectError::Failed(what) => io_err(what),
+            })?;
         if target.proxy_protocol {
             // Before anything else, TLS included (HAProxy's order).
             let header = proxy_v2_header(client);
