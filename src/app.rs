@@ -296,6 +296,7 @@ impl Running {
                 default_target,
                 limits: crate::https::server::Limits::default(),
                 rules: crate::https::harden::Rules::default(),
+                learned: std::sync::Mutex::default(),
             });
             let options = ListenOptions {
                 implicit_tls: Some(acceptor),

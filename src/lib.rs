@@ -18,8 +18,8 @@
 //! app, demo          wire everything, own shutdown            (main.rs: the CLI on top)
 //! admin              admin API, /metrics, status page
 //! control            reload / cutover / rollback: files, history, swaps
-//! smtp, https        SMTP sessions, backend transactions and pool, spool │ HTTPS: which
-//!                    mailbox a request belongs to (identity; the listener comes next)
+//! smtp, https        SMTP sessions, backend transactions and pool, spool │ HTTPS server,
+//!                    identity of a request's mailbox, forwarding, hardening, affinity
 //! traffic            lock-free per-target/site meters for the page and counters
 //! net, upstream      listeners, TLS, shutdown, resolver, PROXY v2 │ targets, servers, health
 //! config, route      coexist.toml → Config │ routes → RoutingTable → Router

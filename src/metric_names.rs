@@ -84,7 +84,7 @@ pub fn describe() {
     metrics::describe_counter!(
         HTTP_REQUESTS,
         "HTTPS requests by target, Exchange protocol (owa, ews, activesync, mapi, rpc, \
-         autodiscover, oab, ecp, powershell, other), identity source (hint, cookie, login, \
+         autodiscover, autodiscover_v2, oab, ecp, powershell, other), identity source (hint, cookie, login, \
          learned, default, refused) and status code."
     );
     metrics::describe_histogram!(

@@ -162,16 +162,14 @@ async fn each_request_reaches_the_side_that_owns_its_mailbox() {
     let addr = s.running.https_addr.expect("https listener");
     let mut c = connect(addr).await;
 
-    // EWS for alice (site paris, owned by new), with an NTLM-style Authorization that must
-    // pass untouched and a hop-by-hop header that must not.
+    // EWS for alice (site paris, owned by new), with an Authorization that must pass
+    // untouched and a hop-by-hop header that must not. (NTLM pins a connection: see the
+    // NTLM tests.)
     let soap = "<soap:Envelope><soap:Body><m:GetFolder/></soap:Body></soap:Envelope>";
     let req = Request::post("/EWS/Exchange.asmx")
         .header("host", "mail.example.com")
         .header("x-anchormailbox", "alice@example.com")
-        .header(
-            "authorization",
-            "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw==",
-        )
+        .header("authorization", "Bearer opaque-token")
         .header("content-type", "text/xml; charset=utf-8")
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "must not pass")
@@ -210,10 +208,7 @@ async fn each_request_reaches_the_side_that_owns_its_mailbox() {
     assert_eq!(ews.method, "POST");
     assert_eq!(ews.uri, "/EWS/Exchange.asmx");
     assert_eq!(ews.body, soap.as_bytes());
-    assert_eq!(
-        ews.headers["authorization"],
-        "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw=="
-    );
+    assert_eq!(ews.headers["authorization"], "Bearer opaque-token");
     assert_eq!(ews.headers["x-anchormailbox"], "alice@example.com");
     assert_eq!(ews.headers["host"], "mail.example.com");
     assert_eq!(ews.headers["x-forwarded-for"], "127.0.0.1");
@@ -443,5 +438,98 @@ async fn a_clients_backend_connection_is_never_anothers() {
     assert_ne!(
         conns[2], conns[0],
         "another client, another backend connection"
+    );
+}
+
+/// An NTLM AUTHENTICATE message naming `DOMAIN\user` (MS-NLMP 2.2.1.3, Unicode), as a
+/// client sends it; the responses inside are placeholders (the recording backends do not
+/// check them).
+fn ntlm_authenticate(domain: &str, user: &str) -> String {
+    let utf16 = |s: &str| -> Vec<u8> { s.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let (d, u, w, lm, nt) = (
+        utf16(domain),
+        utf16(user),
+        utf16("WS01"),
+        vec![0u8; 24],
+        vec![0x11u8; 48],
+    );
+    let mut payload = Vec::new();
+    let mut field = |bytes: &[u8]| {
+        let at = 64 + payload.len();
+        payload.extend_from_slice(bytes);
+        (bytes.len() as u16, at as u32)
+    };
+    let (fd, fu, fw, flm, fnt) = (field(&d), field(&u), field(&w), field(&lm), field(&nt));
+    let mut m = b"NTLMSSP\0".to_vec();
+    m.extend_from_slice(&3u32.to_le_bytes());
+    for (len, off) in [flm, fnt, fd, fu, fw, (0, 64 + payload.len() as u32)] {
+        m.extend_from_slice(&len.to_le_bytes());
+        m.extend_from_slice(&len.to_le_bytes());
+        m.extend_from_slice(&off.to_le_bytes());
+    }
+    m.extend_from_slice(&0xa288_8205u32.to_le_bytes()); // flags, UNICODE among them
+    m.extend_from_slice(&payload);
+    format!(
+        "NTLM {}",
+        base64::engine::general_purpose::STANDARD.encode(m)
+    )
+}
+
+/// NTLM without any hint (SPEC §5.1): the first leg names no user and lands on the default
+/// side, whose connection is then pinned; the AUTHENTICATE leg names a user of the other
+/// side, so the client is told to log in again on a new connection (401, close), and that
+/// connection's legs — and its requests after the handshake, which carry no Authorization —
+/// reach the user's side.
+#[tokio::test]
+async fn an_ntlm_login_of_the_other_side_is_sent_to_log_in_there() {
+    let s = setup().await;
+    let addr = s.running.https_addr.unwrap();
+    let ews = |auth: Option<String>| {
+        let mut r = Request::post("/EWS/Exchange.asmx")
+            .header("host", "mail.example.com")
+            .header("user-agent", "ExchangeServicesClient/15");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(Full::new(Bytes::from_static(b"<x/>"))).unwrap()
+    };
+    let negotiate = "NTLM TlRMTVNTUAABAAAAB4IIogAAAAAAAAAAAAAAAAAAAAAKAGFKAAAADw==".to_string();
+    let mut a = connect(addr).await;
+    assert_eq!(
+        send(&mut a, ews(Some(negotiate.clone()))).await.1,
+        "old /EWS/Exchange.asmx"
+    );
+    let res = {
+        a.ready().await.unwrap();
+        a.send_request(ews(Some(ntlm_authenticate("EXAMPLE", "alice"))))
+            .await
+            .unwrap()
+    };
+    assert_eq!(res.status().as_u16(), 401);
+    assert_eq!(res.headers()["connection"], "close");
+    assert!(
+        res.headers()
+            .get_all("www-authenticate")
+            .iter()
+            .any(|v| v == "NTLM")
+    );
+
+    let mut b = connect(addr).await;
+    assert_eq!(
+        send(&mut b, ews(Some(negotiate))).await.1,
+        "new /EWS/Exchange.asmx"
+    );
+    assert_eq!(
+        send(&mut b, ews(Some(ntlm_authenticate("EXAMPLE", "alice"))))
+            .await
+            .1,
+        "new /EWS/Exchange.asmx"
+    );
+    assert_eq!(send(&mut b, ews(None)).await.1, "new /EWS/Exchange.asmx");
+    let new = s.new.seen();
+    assert_eq!(new.len(), 3);
+    assert!(
+        new.iter().all(|x| x.conn == new[0].conn),
+        "one pinned backend connection"
     );
 }

@@ -60,9 +60,21 @@ pub struct Server {
 #[derive(Default)]
 pub struct ClientConns {
     conns: Mutex<Vec<(Arc<Server>, SendRequest<Body>)>>,
+    /// Set by the first request that carries `Authorization: NTLM|Negotiate`: the target
+    /// (registry index) and server this client connection is bound to from then on — the
+    /// login lives on that backend connection.
+    pinned: Mutex<Option<(usize, Arc<Server>)>>,
 }
 
 impl ClientConns {
+    pub fn pinned(&self) -> Option<(usize, Arc<Server>)> {
+        lock(&self.pinned).clone()
+    }
+
+    pub fn pin(&self, target: usize, server: &Arc<Server>) {
+        *lock(&self.pinned) = Some((target, Arc::clone(server)));
+    }
+
     /// This client's connection to `server`, if it has one ready for a request.
     fn take(&self, server: &Arc<Server>) -> Option<SendRequest<Body>> {
         let mut conns = lock(&self.conns);
@@ -144,11 +156,12 @@ impl Backends {
         let mut sender = match client.take(server) {
             Some(s) => s,
             None => {
-                // The data path's connects count in the server's health like probes do.
+                // A failed connect counts against the server; a successful one does not count
+                // for it: a server in Exchange's maintenance mode still takes connections
+                // while its health page says 503, and only the probe may bring it back.
                 let c = self.connect(target, server).await;
-                match &c {
-                    Ok(_) => server.upstream.observe(Ok(())),
-                    Err(e) => server.upstream.observe(Err(&e.to_string())),
+                if let Err(e) = &c {
+                    server.upstream.observe(Err(&e.to_string()));
                 }
                 c?
             }
@@ -191,10 +204,13 @@ impl Backends {
             handshake(TokioIo::new(tcp), server).await
         } else {
             let sni = tls::server_name(&server.addr).map_err(|e| err(e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(Arc::clone(&target.tls))
-                .connect(sni, tcp)
-                .await
-                .map_err(|e| err(format!("TLS: {e}")));
+            let handshake_tls =
+                tokio_rustls::TlsConnector::from(Arc::clone(&target.tls)).connect(sni, tcp);
+            // A backend that takes TCP and stalls in TLS is as dead as one that refuses.
+            let tls = match tokio::time::timeout(self.connect_timeout, handshake_tls).await {
+                Ok(r) => r.map_err(|e| err(format!("TLS: {e}"))),
+                Err(_) => Err(ForwardError::Timeout { server: name() }),
+            };
             match tls {
                 Ok(tls) => handshake(TokioIo::new(tls), server).await,
                 Err(e) => Err(e),

@@ -1,4 +1,4 @@
-//! Which mailbox an HTTPS request belongs to (SPEC §5.1). Pure: the listener hands in what
+//! Which mailbox an HTTPS request belongs to (SPEC §5.3). Pure: the listener hands in what
 //! it has parsed ([`RequestView`]), this module names the candidates and resolves them
 //! against one routing-table snapshot; nothing here does I/O or keeps state.
 //!
@@ -10,7 +10,7 @@
 //! still counts in the last step.
 //!
 //! Where each protocol names its mailbox, and what real clients send, is mapped in
-//! `EXCHANGE_HTTPS.md`; what is recognised here is listed in SPEC §5.1.
+//! `EXCHANGE_HTTPS.md`; what is recognised here is listed in SPEC §5.3.
 
 mod eas;
 mod ntlm;

@@ -2,29 +2,34 @@
 //! connection (the net listener did the handshake), each request routed to the target that
 //! owns its mailbox now and forwarded with its body streaming.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::HeaderMap;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use super::affinity;
 use super::forward::{Backends, Body, ClientConns};
 use super::harden::{self, Admit};
 use super::headers::{self, Proto};
-use super::identity::{self, Key, RequestView, Resolved, Source};
+use super::identity::{self, Candidate, Key, RequestView, Resolved, Source};
+use super::{affinity, cookie};
 use crate::net::{Accepted, Handler, Shutdown, Stream};
 use crate::route::{Router, RoutingTable};
 
 /// Limits of the client side.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// A client must send its whole request head within this (slowloris).
+    /// A client must send its whole request head within this (slowloris). hyper also runs
+    /// it while a keep-alive connection waits for its next request, so it is IIS's own
+    /// 120 s connection timeout: a shorter one would cost Outlook an NTLM handshake after
+    /// every pause.
     pub header_read_timeout: Duration,
     /// The most bytes hyper buffers for one connection's request head.
     pub max_head_bytes: usize,
@@ -33,7 +38,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(120),
             max_head_bytes: 64 * 1024,
         }
     }
@@ -48,6 +53,59 @@ pub struct HttpsCtx {
     pub limits: Limits,
     /// Request shapes refused before routing, and where remote PowerShell goes.
     pub rules: harden::Rules,
+    /// Client (address, User-Agent) → the mailbox its NTLM login named on a connection
+    /// pinned to the other side (see `handle`).
+    pub learned: Mutex<HashMap<(IpAddr, String), (String, Instant)>>,
+}
+
+/// How long a learned client → mailbox lasts: long enough for the client's reconnect.
+const LEARNED_FOR: Duration = Duration::from_secs(300);
+/// Learned clients kept at most (a flood of distinct User-Agents cannot grow it further).
+const MAX_LEARNED: usize = 50_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Who a client is across its connections, as well as a proxy can tell.
+fn client_key(peer: SocketAddr, headers: &HeaderMap) -> (IpAddr, String) {
+    let agent = headers
+        .get(header::USER_AGENT)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .chars()
+                .take(256)
+                .collect()
+        })
+        .unwrap_or_default();
+    (peer.ip(), agent)
+}
+
+/// The request logs in on its TCP connection (NTLM, or Negotiate: Kerberos or NTLM).
+fn connection_auth(headers: &HeaderMap) -> bool {
+    headers.get(header::AUTHORIZATION).is_some_and(|v| {
+        let v = v.as_bytes();
+        let scheme = |s: &[u8]| {
+            v.len() > s.len() && v[..s.len()].eq_ignore_ascii_case(s) && v[s.len()] == b' '
+        };
+        scheme(b"NTLM") || scheme(b"Negotiate")
+    })
+}
+
+/// Log in again, on a new connection.
+fn reauthenticate() -> Response<Body> {
+    let mut r = answer(
+        StatusCode::UNAUTHORIZED,
+        "this connection is logged in on another mailbox server; log in again",
+    );
+    let h = r.headers_mut();
+    h.append(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Negotiate"),
+    );
+    h.append(header::WWW_AUTHENTICATE, HeaderValue::from_static("NTLM"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 /// Where a request goes and why.
@@ -113,7 +171,11 @@ impl HttpsCtx {
                 let status =
                     StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST);
                 count("-", protocol, "refused", status.as_u16());
-                return answer(status, refusal.why);
+                let mut r = answer(status, refusal.why);
+                // Nothing more is read from a client that sent such a request.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
             }
             // Pinned by the config: not a mailbox's request, so its source is `default`.
             Ok(Admit::PowerShell(name)) => self.index_of(name).map(|target| Routed {
@@ -121,7 +183,7 @@ impl HttpsCtx {
                 key: String::new(),
                 source: Source::Default.label(),
             }),
-            Ok(Admit::Route) => self.route(&table, &req),
+            Ok(Admit::Route) => self.route(&table, &req, peer),
         };
         let Some(routed) = routed else {
             count("-", protocol, Source::Default.label(), 503);
@@ -130,15 +192,41 @@ impl HttpsCtx {
                 "no target for this request: it names no mailbox and [https] has no default_target",
             );
         };
+        let pinned = conns.pinned();
+        let mut routed = routed;
+        if let Some((pinned_target, _)) = &pinned
+            && routed.source == Source::Default.label()
+        {
+            // Nothing in the request names a mailbox (after an NTLM handshake requests carry
+            // no Authorization at all): it belongs to the login of its connection.
+            routed.target = *pinned_target;
+        }
         let target = &self.backends.targets[routed.target];
-        // The same server for the same mailbox (RPC's IN and OUT channels, EWS streaming),
-        // and a server leaving moves only its own mailboxes.
-        let server = affinity::pick(
-            &routed.key,
-            &target.servers,
-            |s| s.upstream.addr.as_str(),
-            |s| s.upstream.is_up(),
-        );
+        if let Some((pinned_target, _)) = &pinned
+            && *pinned_target != routed.target
+        {
+            // This connection's NTLM/Negotiate login lives on a backend connection of the
+            // other side: it cannot serve this request. The client logs in again on a new
+            // connection, which the login it just named routes right.
+            if routed.source == Source::Login.label() {
+                self.learn(peer, req.headers(), &routed.key);
+            }
+            tracing::info!(client = %peer, path = %path, mailbox = %routed.key, target = %target.name, "HTTPS: pinned connection asked for the other side; 401 and close");
+            count(&target.name, protocol, routed.source, 401);
+            return reauthenticate();
+        }
+        // A pinned connection keeps its server; otherwise the same server for the same
+        // mailbox (RPC's IN and OUT channels, EWS streaming), and a server leaving moves
+        // only its own mailboxes.
+        let server = match &pinned {
+            Some((_, server)) => Some(server),
+            None => affinity::pick(
+                &routed.key,
+                &target.servers,
+                |s| s.upstream.addr.as_str(),
+                |s| s.upstream.is_up(),
+            ),
+        };
         let Some(server) = server else {
             tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
             count(&target.name, protocol, routed.source, 503);
@@ -150,6 +238,13 @@ impl HttpsCtx {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
             return r;
         };
+        if pinned.is_none() && connection_auth(req.headers()) {
+            conns.pin(routed.target, server);
+        }
+        // A long poll's response head comes at its end (an ActiveSync Ping, up to an hour):
+        // the table it was routed by is not kept alive for that long.
+        let version = table.version();
+        drop(table);
         let req = prepare(req, peer);
         let result = self.backends.send(conns, target, server, req).await;
         let status = match &result {
@@ -167,11 +262,27 @@ impl HttpsCtx {
         tracing::info!(
             client = %peer, method = %method, path = %path, protocol, source = routed.source,
             mailbox = %routed.key, target = %target.name, server = %server.upstream.addr,
-            status, ms = elapsed.as_millis() as u64, version = %table.version(),
+            status, ms = elapsed.as_millis() as u64, version = %version,
             "request"
         );
         match result {
-            Ok(res) => res.map(BodyExt::boxed),
+            Ok(res) => {
+                let (mut parts, body) = res.into_parts();
+                // The backend said it closes: the client connection ends with this response
+                // too (an NTLM login lives on that backend connection and is gone with it).
+                let closing = parts
+                    .headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                headers::strip_hop_by_hop(&mut parts.headers);
+                if closing {
+                    parts
+                        .headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Response::from_parts(parts, body.boxed())
+            }
             Err(e) => {
                 tracing::warn!(target = %target.name, error = %e, "HTTPS backend failed");
                 answer(StatusCode::BAD_GATEWAY, "the mailbox server did not answer")
@@ -182,7 +293,12 @@ impl HttpsCtx {
     /// The target that owns the request's mailbox: the first identity candidate
     /// (SPEC §5.3: hints, then the login, then the domain defaults) that the active table
     /// resolves, else `default_target`.
-    fn route(&self, table: &RoutingTable, req: &Request<Incoming>) -> Option<Routed> {
+    fn route(
+        &self,
+        table: &RoutingTable,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Option<Routed> {
         let view = RequestView {
             method: req.method().as_str(),
             path: req.uri().path(),
@@ -191,7 +307,7 @@ impl HttpsCtx {
             // Bodies (Autodiscover POST, OWA logon) are not read before routing yet.
             body: None,
         };
-        let candidates = identity::candidates(&view, None, None);
+        let candidates = identity::candidates(&view, None, self.learned(peer, req.headers()));
         if let Some((resolved, candidate)) = identity::first_match(table, &candidates) {
             let target = self.index_of(table.target_name(resolved.target()))?;
             let key = match resolved {
@@ -209,6 +325,40 @@ impl HttpsCtx {
             key: String::new(),
             source: Source::Default.label(),
         })
+    }
+
+    /// The mailbox this client (address and User-Agent) named with its last NTLM login on
+    /// a connection of the other side, for its next connections' first legs, which name
+    /// no user (SPEC §5.1).
+    fn learned(&self, peer: SocketAddr, headers: &HeaderMap) -> Option<Candidate> {
+        let key = client_key(peer, headers);
+        let mut map = lock(&self.learned);
+        match map.get(&key) {
+            Some((mailbox, at)) if at.elapsed() < LEARNED_FOR => Some(Candidate::new(
+                Source::Learned,
+                Key::Smtp(mailbox.clone()),
+                "NTLM login on an earlier connection",
+            )),
+            Some(_) => {
+                map.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn learn(&self, peer: SocketAddr, headers: &HeaderMap, mailbox: &str) {
+        let mut map = lock(&self.learned);
+        if map.len() >= MAX_LEARNED {
+            map.retain(|_, (_, at)| at.elapsed() < LEARNED_FOR);
+            if map.len() >= MAX_LEARNED {
+                return;
+            }
+        }
+        map.insert(
+            client_key(peer, headers),
+            (mailbox.to_string(), Instant::now()),
+        );
     }
 
     fn index_of(&self, target: &str) -> Option<usize> {
@@ -248,6 +398,8 @@ fn key_text(key: &Key) -> String {
 fn prepare(req: Request<Incoming>, peer: SocketAddr) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     headers::prepare_request(&mut parts.headers, peer.ip(), Proto::Https, false);
+    // coexist's own routing cookie is never a backend's business.
+    cookie::strip_in(&mut parts.headers);
     Request::from_parts(parts, body.boxed())
 }
 

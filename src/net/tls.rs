@@ -78,9 +78,10 @@ pub fn https_server_config(certs: &[(&Path, &Path)]) -> Result<Arc<ServerConfig>
     let provider = provider();
     let mut keys = Vec::new();
     for (cert, key) in certs {
-        let chain = load_certs(cert)?;
-        let signing = provider.key_provider.load_private_key(load_key(key)?)?;
-        keys.push(Arc::new(CertifiedKey::new(chain, signing)));
+        // from_der checks that the key is the certificate's: a mismatched pair fails the
+        // start, not every handshake.
+        let ck = CertifiedKey::from_der(load_certs(cert)?, load_key(key)?, &provider)?;
+        keys.push(Arc::new(ck));
     }
     if keys.is_empty() {
         return Err(TlsError::NoCert("[https] (no [[https.cert]])".into()));
