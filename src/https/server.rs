@@ -227,6 +227,14 @@ impl HttpsCtx {
                 |s| s.upstream.is_up(),
             ),
         };
+        if target.servers.is_empty() {
+            // A side that only does SMTP: no retry will help.
+            count(&target.name, protocol, routed.source, 502);
+            return answer(
+                StatusCode::BAD_GATEWAY,
+                "the mailbox's side has no HTTPS servers configured",
+            );
+        }
         let Some(server) = server else {
             tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
             count(&target.name, protocol, routed.source, 503);
