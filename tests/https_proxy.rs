@@ -533,3 +533,40 @@ async fn an_ntlm_login_of_the_other_side_is_sent_to_log_in_there() {
         "one pinned backend connection"
     );
 }
+
+/// Autodiscover POST and the OWA logon name the mailbox in their body only: coexist reads
+/// the body's beginning, routes by it, and the backend still gets the whole body.
+#[tokio::test]
+async fn a_mailbox_named_in_the_body_routes_and_the_body_arrives_whole() {
+    let s = setup().await;
+    let mut c = connect(s.running.https_addr.unwrap()).await;
+    let mut xml = String::from(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\r\n<Autodiscover xmlns=\"http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006\">\
+         <Request><EMailAddress>alice@example.com</EMailAddress>\
+         <AcceptableResponseSchema>http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a</AcceptableResponseSchema>",
+    );
+    // Longer than what is read before routing: the rest must follow unchanged.
+    xml.push_str(&format!("<Pad>{}</Pad>", "x".repeat(40_000)));
+    xml.push_str("</Request></Autodiscover>");
+    let req = Request::post("/autodiscover/autodiscover.xml")
+        .header("host", "mail.example.com")
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(xml.clone())))
+        .unwrap();
+    assert_eq!(
+        send(&mut c, req).await,
+        (200, "new /autodiscover/autodiscover.xml".into())
+    );
+    let form = "destination=https%3A%2F%2Fmail.example.com%2Fowa%2F&flags=4&forcedownlevel=0&username=EXAMPLE%5Calice&password=secret&isUtf8=1";
+    let req = Request::post("/owa/auth.owa")
+        .header("host", "mail.example.com")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from_static(form.as_bytes())))
+        .unwrap();
+    assert_eq!(send(&mut c, req).await, (200, "new /owa/auth.owa".into()));
+    let new = s.new.seen();
+    assert_eq!(new.len(), 2);
+    assert_eq!(new[0].body, xml.as_bytes(), "the whole body, in order");
+    assert_eq!(new[1].body, form.as_bytes());
+    assert!(s.old.seen().is_empty());
+}

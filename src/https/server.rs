@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::HeaderMap;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -162,6 +162,7 @@ impl HttpsCtx {
     ) -> Response<Body> {
         let started = Instant::now();
         let table = self.router.snapshot();
+        let mut req = req.map(BodyExt::boxed);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let protocol = identity::classify(&path).label();
@@ -183,7 +184,22 @@ impl HttpsCtx {
                 key: String::new(),
                 source: Source::Default.label(),
             }),
-            Ok(Admit::Route) => self.route(&table, &req, peer),
+            Ok(Admit::Route) => {
+                // Autodiscover POST and the OWA logon name the mailbox in their body only.
+                let peeked =
+                    if identity::wants_body(method.as_str(), identity::classify(&path), &path) {
+                        match peek(&mut req).await {
+                            Ok(bytes) => Some(bytes),
+                            Err(status) => {
+                                count("-", protocol, Source::Default.label(), status.as_u16());
+                                return answer(status, "the request body could not be read");
+                            }
+                        }
+                    } else {
+                        None
+                    };
+                self.route(&table, &req, peer, peeked.as_deref())
+            }
         };
         let Some(routed) = routed else {
             count("-", protocol, Source::Default.label(), 503);
@@ -304,16 +320,16 @@ impl HttpsCtx {
     fn route(
         &self,
         table: &RoutingTable,
-        req: &Request<Incoming>,
+        req: &Request<Body>,
         peer: SocketAddr,
+        body: Option<&[u8]>,
     ) -> Option<Routed> {
         let view = RequestView {
             method: req.method().as_str(),
             path: req.uri().path(),
             query: req.uri().query(),
             headers: req.headers(),
-            // Bodies (Autodiscover POST, OWA logon) are not read before routing yet.
-            body: None,
+            body,
         };
         let candidates = identity::candidates(&view, None, self.learned(peer, req.headers()));
         if let Some((resolved, candidate)) = identity::first_match(table, &candidates) {
@@ -403,12 +419,44 @@ fn key_text(key: &Key) -> String {
 /// The request as the backend gets it ([`headers::prepare_request`]): hop-by-hop headers
 /// out, the client named in `X-Forwarded-For`/`-Proto` (what the client itself sent there
 /// is not trusted), no `Via`, `Authorization` untouched.
-fn prepare(req: Request<Incoming>, peer: SocketAddr) -> Request<Body> {
+fn prepare(req: Request<Body>, peer: SocketAddr) -> Request<Body> {
     let (mut parts, body) = req.into_parts();
     headers::prepare_request(&mut parts.headers, peer.ip(), Proto::Https, false);
     // coexist's own routing cookie is never a backend's business.
     cookie::strip_in(&mut parts.headers);
-    Request::from_parts(parts, body.boxed())
+    Request::from_parts(parts, body)
+}
+
+/// How long a client may take to send the part of its body that names the mailbox.
+const PEEK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads the first [`identity::BODY_PEEK_LIMIT`] bytes of the request's body (or all of a
+/// shorter one) and puts them back in front of the rest, which still streams: the backend
+/// gets the whole body, unchanged. `Err` is the status for a client that sends too slowly
+/// (408) or breaks off (400).
+async fn peek(req: &mut Request<Body>) -> Result<Bytes, StatusCode> {
+    let mut body = std::mem::replace(req.body_mut(), super::forward::empty());
+    let deadline = tokio::time::Instant::now() + PEEK_TIMEOUT;
+    let mut frames = Vec::new();
+    let mut seen = Vec::new();
+    while seen.len() < identity::BODY_PEEK_LIMIT {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(StatusCode::REQUEST_TIMEOUT),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(StatusCode::BAD_REQUEST),
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    seen.extend_from_slice(d);
+                }
+                frames.push(frame);
+            }
+        }
+    }
+    seen.truncate(identity::BODY_PEEK_LIMIT);
+    let replay = futures_util::stream::iter(frames.into_iter().map(Ok));
+    let rest = http_body_util::BodyStream::new(body);
+    *req.body_mut() = StreamBody::new(futures_util::StreamExt::chain(replay, rest)).boxed();
+    Ok(Bytes::from(seen))
 }
 
 /// One of coexist's own answers.
