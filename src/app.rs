@@ -197,7 +197,7 @@ impl Running {
                     Some(b) => {
                         probe::first_round(
                             Arc::clone(b),
-                            https_servers,
+                            https_servers.clone(),
                             probe_timeout,
                             STARTUP_PROBE_WAIT,
                         )
@@ -329,7 +329,6 @@ impl Running {
         let interval = smtp.limits.health_interval;
         let mut stop = shutdown_rx.clone();
         let probe_https = https_backends.clone();
-        let https_servers: Vec<_> = registry.servers(Protocol::Https).cloned().collect();
         tokio::spawn(async move {
             loop {
                 tokio::select! {

@@ -113,7 +113,7 @@ struct Routed {
     target: usize,
     /// The mailbox (or the anchor as given) that decided: the key of server affinity.
     key: String,
-    source: &'static str,
+    source: Source,
 }
 
 impl Handler for HttpsCtx {
@@ -182,7 +182,7 @@ impl HttpsCtx {
             Ok(Admit::PowerShell(name)) => self.index_of(name).map(|target| Routed {
                 target,
                 key: String::new(),
-                source: Source::Default.label(),
+                source: Source::Default,
             }),
             Ok(Admit::Route) => {
                 // Autodiscover POST and the OWA logon name the mailbox in their body only.
@@ -211,7 +211,7 @@ impl HttpsCtx {
         let pinned = conns.pinned();
         let mut routed = routed;
         if let Some((pinned_target, _)) = &pinned
-            && routed.source == Source::Default.label()
+            && routed.source == Source::Default
         {
             // Nothing in the request names a mailbox (after an NTLM handshake requests carry
             // no Authorization at all): it belongs to the login of its connection.
@@ -224,11 +224,11 @@ impl HttpsCtx {
             // This connection's NTLM/Negotiate login lives on a backend connection of the
             // other side: it cannot serve this request. The client logs in again on a new
             // connection, which the login it just named routes right.
-            if routed.source == Source::Login.label() {
+            if routed.source == Source::Login {
                 self.learn(peer, req.headers(), &routed.key);
             }
             tracing::info!(client = %peer, path = %path, mailbox = %routed.key, target = %target.name, "HTTPS: pinned connection asked for the other side; 401 and close");
-            count(&target.name, protocol, routed.source, 401);
+            count(&target.name, protocol, routed.source.label(), 401);
             return reauthenticate();
         }
         // A pinned connection keeps its server; otherwise the same server for the same
@@ -245,7 +245,7 @@ impl HttpsCtx {
         };
         if target.servers.is_empty() {
             // A side that only does SMTP: no retry will help.
-            count(&target.name, protocol, routed.source, 502);
+            count(&target.name, protocol, routed.source.label(), 502);
             return answer(
                 StatusCode::BAD_GATEWAY,
                 "the mailbox's side has no HTTPS servers configured",
@@ -253,7 +253,7 @@ impl HttpsCtx {
         }
         let Some(server) = server else {
             tracing::warn!(client = %peer, target = %target.name, "HTTPS: every server of the target is down");
-            count(&target.name, protocol, routed.source, 503);
+            count(&target.name, protocol, routed.source.label(), 503);
             let mut r = answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the mailbox server is not reachable right now, try again later",
@@ -276,7 +276,7 @@ impl HttpsCtx {
             Err(_) => 502,
         };
         let elapsed = started.elapsed();
-        count(&target.name, protocol, routed.source, status);
+        count(&target.name, protocol, routed.source.label(), status);
         metrics::histogram!(
             crate::metric_names::HTTP_REQUEST_SECONDS,
             "target" => target.name.to_string(),
@@ -284,7 +284,7 @@ impl HttpsCtx {
         )
         .record(elapsed.as_secs_f64());
         tracing::info!(
-            client = %peer, method = %method, path = %path, protocol, source = routed.source,
+            client = %peer, method = %method, path = %path, protocol, source = routed.source.label(),
             mailbox = %routed.key, target = %target.name, server = %server.upstream.addr,
             status, ms = elapsed.as_millis() as u64, version = %version,
             "request"
@@ -341,13 +341,13 @@ impl HttpsCtx {
             return Some(Routed {
                 target,
                 key,
-                source: candidate.source.label(),
+                source: candidate.source,
             });
         }
         self.default_target.map(|target| Routed {
             target,
             key: String::new(),
-            source: Source::Default.label(),
+            source: Source::Default,
         })
     }
 

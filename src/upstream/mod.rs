@@ -22,15 +22,6 @@ pub enum Protocol {
     Https,
 }
 
-impl Protocol {
-    pub fn label(self) -> &'static str {
-        match self {
-            Protocol::Smtp => "smtp",
-            Protocol::Https => "https",
-        }
-    }
-}
-
 /// One server of one target.
 pub struct Server {
     /// `host:port` as configured (the name in logs, metrics and the status page).
